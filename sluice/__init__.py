@@ -1,0 +1,3 @@
+"""Sluice: self-hosted batch inference for open LLMs."""
+
+__version__ = "0.1.0"

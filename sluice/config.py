@@ -1,0 +1,147 @@
+"""Settings: the only reader of environment variables (prefix SLUICE_)."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sluice.errors import ConfigError
+
+EngineName = Literal["echo", "sim", "hf", "vllm"]
+FeedMode = Literal["continuous", "batch"]
+
+
+class Settings(BaseSettings):
+    """Every Sluice knob, validated once at start."""
+
+    model_config = SettingsConfigDict(env_prefix="SLUICE_", extra="ignore", frozen=True)
+
+    # Where the embedded defaults live (SQLite file, embedded Redis socket, tiny model).
+    data_dir: Path = Path(".sluice")
+    database_url: str | None = None
+    redis_url: str | None = None
+
+    # API
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    public_url: str | None = None
+
+    # What the worker serves and what the API accepts.
+    engine: EngineName = "echo"
+    model: str = "sluice-echo"
+    model_name: str | None = None
+    served_models: str = ""  # comma-separated names the API accepts; default: model_name
+
+    # Queueing and delivery
+    chunk_size: int = Field(500, ge=1, le=10_000)
+    lease_seconds: float = Field(600.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    reconcile_interval: float = Field(5.0, gt=0)
+    republish_after: float = Field(120.0, gt=0)
+    visibility_timeout: int = Field(43_200, ge=60)
+
+    # Worker feeding
+    feed_mode: FeedMode = "continuous"
+    inflight_factor: float = Field(2.0, ge=1.0, le=16.0)
+    worker_threads: int | None = Field(None, ge=1, le=4096)
+    write_batch_max: int = Field(2000, ge=1)
+
+    # Engine (vLLM names; the others use what applies to them)
+    max_num_seqs: int = Field(256, ge=1)
+    max_model_len: int = Field(8192, ge=16)
+    max_num_batched_tokens: int | None = Field(None, ge=16)
+    quantization: str | None = "awq_marlin"
+    dtype: str = "auto"
+    gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
+    enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"
+    tensor_parallel_size: int = Field(1, ge=1)
+    enforce_eager: bool = False
+    load_format: str = "auto"
+    seed: int = 0
+    device: str = "auto"
+
+    # sim engine: a continuous-batching GPU's timing (defaults: an 8B model on one H100)
+    sim_prefill_per_token: float = Field(0.00002, ge=0)
+    sim_decode_step: float = Field(0.010, ge=0)
+    sim_decode_per_seq: float = Field(0.00005, ge=0)
+
+    # Limits
+    max_file_bytes: int = Field(200 * 1024 * 1024, ge=1)
+    max_file_lines: int = Field(50_000, ge=1)
+    max_line_bytes: int = Field(1024 * 1024, ge=16)
+    max_wait_seconds: float = Field(60.0, ge=0)
+    file_ttl_days: int = Field(30, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.database_url is not None and not re.match(
+            r"^(sqlite|postgresql)(\+\w+)?://", self.database_url
+        ):
+            raise ValueError(
+                "SLUICE_DATABASE_URL must start with sqlite:// or postgresql://"
+            )
+        if self.redis_url is not None and not re.match(
+            r"^(redis|rediss|redis\+socket|unix)://", self.redis_url
+        ):
+            raise ValueError("SLUICE_REDIS_URL must start with redis://, rediss:// or unix://")
+        if self.engine == "vllm" and self.tensor_parallel_size > 1 and self.worker_threads == 1:
+            raise ValueError("SLUICE_WORKER_THREADS must exceed 1 for the vllm engine")
+        return self
+
+    @property
+    def served_model(self) -> str:
+        """The name clients use for the model this worker serves."""
+        return self.model_name or self.model
+
+    @property
+    def accepted_models(self) -> list[str]:
+        """Model names the API accepts (each has its own queue)."""
+        names = [n.strip() for n in self.served_models.split(",") if n.strip()]
+        return names or [self.served_model]
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The configured database, or a SQLite file in the data directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'sluice.db').resolve()}"
+
+    @property
+    def embedded_redis(self) -> bool:
+        """True when Sluice runs its own redis-server (no SLUICE_REDIS_URL)."""
+        return self.redis_url is None
+
+    @property
+    def inflight_target(self) -> int:
+        """How many requests a worker keeps claimed: about 2x the engine's slots."""
+        return max(1, int(self.max_num_seqs * self.inflight_factor))
+
+    @property
+    def resolved_worker_threads(self) -> int:
+        """Celery pool threads: enough held messages to keep the engine fed by single jobs."""
+        return self.worker_threads or self.inflight_target + 8
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and validate settings, turning errors into one clear ConfigError."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = "_".join(str(p) for p in err["loc"]).upper()
+            name = f"SLUICE_{loc}" if loc else "settings"
+            problems.append(f"{name}: {err['msg']}")
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, read once."""
+    return load_settings()

@@ -1,0 +1,69 @@
+"""The queue contract between api and worker: task name, queue names, message shape."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+from celery import Celery
+
+from sluice.config import Settings
+from sluice.models import INTERACTIVE
+
+TASK_NAME = "sluice.run_requests"
+# Pub/sub channels: cancellations reach workers, finished jobs wake long-polls.
+CANCEL_CHANNEL = "sluice:cancel"
+DONE_CHANNEL = "sluice:done"
+RECONCILE_LOCK = "sluice:reconcile-lock"
+
+
+def queue_name(model: str, priority: int) -> str:
+    """One queue per model, with an interactive lane that workers read first."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model)
+    return f"sluice.{safe}.interactive" if priority == INTERACTIVE else f"sluice.{safe}"
+
+
+def broker_url(redis_url: str) -> str:
+    """Kombu spells a Unix socket redis+socket://; redis-py spells it unix://."""
+    if redis_url.startswith("unix://"):
+        return "redis+socket://" + redis_url[len("unix://"):]
+    return redis_url
+
+
+def make_celery(settings: Settings, redis_url: str) -> Celery:
+    """A Celery app on the broker: acks after the work is committed, one message at a time."""
+    app = Celery("sluice", broker=broker_url(redis_url), set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+        task_send_sent_event=False,
+        broker_connection_retry_on_startup=True,
+        # A held message is redelivered after this; it must outlast the longest wait.
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        task_default_queue=queue_name(settings.served_model, 1),
+    )
+    return app
+
+
+def chunks(ids: Sequence[int], size: int) -> Iterable[list[int]]:
+    """Split request ids into messages of at most `size` ids."""
+    for start in range(0, len(ids), size):
+        yield list(ids[start:start + size])
+
+
+def publish(app: Celery, settings: Settings, model: str, priority: int,
+            ids: Sequence[int]) -> int:
+    """Send wake-up messages naming these request ids; returns the message count."""
+    queue = queue_name(model, priority)
+    sent = 0
+    with app.producer_or_acquire() as producer:
+        for chunk in chunks(ids, settings.chunk_size):
+            app.send_task(TASK_NAME, args=[chunk, priority], queue=queue, producer=producer)
+            sent += 1
+    return sent

@@ -1,0 +1,95 @@
+"""The one interface every engine implements: add requests, step, collect finished ones."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling parameters, already validated by the API (names as OpenAI/vLLM)."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    n: int = 1
+
+
+@dataclass
+class GenRequest:
+    """A request ready for an engine: a rendered prompt and its sampling."""
+
+    id: int
+    prompt: str
+    sampling: Sampling
+    priority: int = 1  # 0 interactive, 1 bulk: lower is admitted first
+    prompt_token_ids: list[int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GenResult:
+    """What an engine returns for one finished request."""
+
+    id: int
+    text: str = ""
+    finish_reason: str = "stop"  # stop | length | abort | error
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class Engine(ABC):
+    """An engine holding up to `slots` sequences; the worker feeds it continuously.
+
+    Threading: add(), abort() and step() are called from one thread (the engine thread).
+    """
+
+    name: str = "engine"
+
+    @property
+    @abstractmethod
+    def slots(self) -> int:
+        """How many sequences the engine runs at once (vLLM's max_num_seqs)."""
+
+    @property
+    @abstractmethod
+    def max_model_len(self) -> int:
+        """Context length: prompt tokens plus max_tokens must fit."""
+
+    @abstractmethod
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        """Apply the model's chat template (with the generation prompt)."""
+
+    @abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Number of prompt tokens the engine will see for this text."""
+
+    @abstractmethod
+    def add(self, request: GenRequest) -> None:
+        """Admit a request; it starts as soon as a slot is free (interactive first)."""
+
+    @abstractmethod
+    def abort(self, ids: list[int]) -> None:
+        """Drop these requests; each comes back from step() with finish_reason 'abort'."""
+
+    @abstractmethod
+    def has_unfinished(self) -> bool:
+        """True while any admitted request has not been returned by step()."""
+
+    @abstractmethod
+    def step(self) -> list[GenResult]:
+        """Advance the engine once; return the requests that finished in this step."""
+
+    def busy_slots(self) -> int:
+        """Sequences running right now (for the occupancy meter)."""
+        return 0
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the model (GPU memory, threads)."""
