@@ -57,7 +57,8 @@ class File(Base):
     owner: Mapped[str] = mapped_column(String(64), default="default", index=True)
     purpose: Mapped[str] = mapped_column(String(20))
     filename: Mapped[str] = mapped_column(String(255))
-    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Output files are rendered on read: their size is measured on first request.
+    bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     line_count: Mapped[int] = mapped_column(Integer, default=0)
     bad_lines: Mapped[int] = mapped_column(Integer, default=0)
     batch_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -78,7 +79,8 @@ class FileLine(Base):
     method: Mapped[str | None] = mapped_column(String(16), nullable=True)
     url: Mapped[str | None] = mapped_column(String(256), nullable=True)
     model: Mapped[str | None] = mapped_column(String(256), nullable=True)
-    body: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The line as uploaded (the worker reads its body); NULL when it was not valid UTF-8.
+    raw: Mapped[str | None] = mapped_column(Text, nullable=True)
     error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     error_param: Mapped[str | None] = mapped_column(String(128), nullable=True)

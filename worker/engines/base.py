@@ -6,19 +6,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+from sluice.sampling import Sampling
 
-@dataclass(frozen=True)
-class Sampling:
-    """Sampling parameters, already validated by the API (names as OpenAI/vLLM)."""
-
-    max_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    n: int = 1
+__all__ = ["Engine", "GenRequest", "GenResult", "Sampling"]
 
 
 @dataclass

@@ -1,0 +1,166 @@
+"""Request bodies: check a chat/completions body once, the same way everywhere."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from sluice.errors import InvalidInput
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+ENDPOINTS = (CHAT, COMPLETIONS)
+ROLES = ("system", "user", "assistant", "developer", "tool")
+DEFAULT_MAX_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling parameters (names and meaning as OpenAI's and vLLM's SamplingParams)."""
+
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass(frozen=True)
+class ParsedBody:
+    """A checked body: the prompt (or chat messages) and its sampling."""
+
+    model: str | None
+    prompt: str | None
+    messages: list[dict[str, Any]] | None
+    sampling: Sampling
+
+
+def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidInput(f"{name} must be a number", param=name, code="invalid_value")
+    if not lo <= value <= hi:
+        raise InvalidInput(f"{name} must be between {lo} and {hi}", param=name,
+                           code="invalid_value")
+    return float(value)
+
+
+def _max_tokens(body: dict[str, Any]) -> int:
+    # max_completion_tokens is the newer OpenAI name for the same thing.
+    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    value = body.get(name, DEFAULT_MAX_TOKENS)
+    if value is None:
+        return DEFAULT_MAX_TOKENS
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInput(f"{name} must be a positive integer", param=name,
+                           code="invalid_value")
+    return value
+
+
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if (not isinstance(stop, list) or len(stop) > 4
+            or not all(isinstance(s, str) and s for s in stop)):
+        raise InvalidInput("stop must be a string or a list of up to 4 non-empty strings",
+                           param="stop", code="invalid_value")
+    return tuple(stop)
+
+
+def _seed(body: dict[str, Any]) -> int | None:
+    seed = body.get("seed")
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InvalidInput("seed must be an integer", param="seed", code="invalid_value")
+    return seed
+
+
+def parse_sampling(body: dict[str, Any]) -> Sampling:
+    """Check the sampling fields of a body; raises InvalidInput naming the field."""
+    n = body.get("n", 1)
+    if n not in (1, None):
+        raise InvalidInput("only n=1 is supported", param="n", code="invalid_value")
+    if body.get("stream"):
+        raise InvalidInput("stream is not supported in batches", param="stream",
+                           code="invalid_value")
+    return Sampling(
+        max_tokens=_max_tokens(body),
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1.0,
+        stop=_stop(body),
+        seed=_seed(body),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+    )
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if messages is None:
+        raise InvalidInput("messages is required for /v1/chat/completions",
+                           param="messages", code="missing_required_parameter")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidInput("messages must be a non-empty list", param="messages",
+                           code="invalid_value")
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise InvalidInput(f"{where} must be an object", param=where, code="invalid_value")
+        if msg.get("role") not in ROLES:
+            raise InvalidInput(f"{where}.role must be one of {', '.join(ROLES)}",
+                               param=f"{where}.role", code="invalid_value")
+        content = msg.get("content")
+        if isinstance(content, list):
+            # OpenAI's content parts: only text parts make sense for a text model.
+            if not all(isinstance(p, dict) and p.get("type") == "text"
+                       and isinstance(p.get("text"), str) for p in content):
+                raise InvalidInput(f"{where}.content parts must be text parts",
+                                   param=f"{where}.content", code="invalid_value")
+        elif not isinstance(content, str):
+            raise InvalidInput(f"{where}.content must be a string", param=f"{where}.content",
+                               code="invalid_value")
+    return messages
+
+
+def message_text(content: Any) -> str:
+    """The text of a message's content (a string, or a list of text parts)."""
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content)
+    return str(content)
+
+
+def parse_body(endpoint: str, body: Any) -> ParsedBody:
+    """Check a chat or completions body; raises InvalidInput naming the field."""
+    if not isinstance(body, dict):
+        raise InvalidInput("body must be an object", param="body", code="invalid_value")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidInput("model must be a string", param="model", code="invalid_value")
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    if endpoint == CHAT:
+        messages = _messages(body)
+    elif endpoint == COMPLETIONS:
+        raw = body.get("prompt")
+        if raw is None:
+            raise InvalidInput("prompt is required for /v1/completions", param="prompt",
+                               code="missing_required_parameter")
+        if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], str):
+            raw = raw[0]
+        if not isinstance(raw, str):
+            raise InvalidInput("prompt must be a string", param="prompt", code="invalid_value")
+        prompt = raw
+    else:
+        raise InvalidInput(f"endpoint must be one of {', '.join(ENDPOINTS)}",
+                           param="endpoint", code="invalid_url")
+    return ParsedBody(model=model, prompt=prompt, messages=messages,
+                      sampling=parse_sampling(body))

@@ -1,0 +1,1 @@
+"""Data access: every SQL statement Sluice runs lives in this package."""

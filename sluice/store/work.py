@@ -1,0 +1,224 @@
+"""The worker's SQL: claim rows under a lease, write results as the lease holder, recover."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, and_, bindparam, select, text, update
+
+from sluice.db import Database
+from sluice.ids import now as clock
+from sluice.ids import unix
+from sluice.models import (
+    B_EXPIRED,
+    CANCELLED,
+    CANCELLING,
+    EXPIRED,
+    FAILED,
+    IN_PROGRESS,
+    QUEUED,
+    RUNNING,
+    batches,
+    file_lines,
+    requests,
+)
+from sluice.store.lifecycle import Outcome, account, finalize, tally
+
+
+@dataclass
+class Claimed:
+    """A request this worker now holds: what to run and how to render it."""
+
+    id: int
+    batch_id: str
+    endpoint: str
+    priority: int
+    attempts: int
+    body: str  # a job's body JSON, or a file's whole input line (whose "body" to run)
+    from_file: bool
+
+
+@dataclass
+class Result:
+    """A finished request as the writer stores it."""
+
+    id: int
+    status: str  # succeeded | failed | cancelled
+    output_text: str | None = None
+    finish_reason: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finished_at: float = 0.0
+
+
+def claim(db: Database, ids: Sequence[int], owner: str, lease_seconds: float) -> list[Claimed]:
+    """Lease the still-queued rows among ids; rows another worker holds are skipped."""
+    if not ids:
+        return []
+    now = clock()
+    with db.write() as conn:
+        # status='queued' in the WHERE is the whole guard: a duplicate message or a second
+        # worker finds nothing left to claim (PostgreSQL rechecks it after the row lock).
+        got = conn.execute(
+            update(requests)
+            .where(requests.c.id.in_(list(ids)), requests.c.status == QUEUED)
+            .values(status=RUNNING, lease_owner=owner, lease_expires_at=now + lease_seconds,
+                    attempts=requests.c.attempts + 1, started_at=now)
+            .returning(requests.c.id)
+        ).scalars().all()
+        if not got:
+            return []
+        rows = conn.execute(
+            select(requests.c.id, requests.c.batch_id, requests.c.endpoint,
+                   requests.c.priority, requests.c.attempts, requests.c.body,
+                   file_lines.c.raw)
+            .select_from(requests.outerjoin(file_lines, and_(
+                file_lines.c.file_id == requests.c.file_id,
+                file_lines.c.line_no == requests.c.line_no)))
+            .where(requests.c.id.in_(got))
+        ).all()
+    return [Claimed(r.id, r.batch_id, r.endpoint, r.priority, r.attempts,
+                    r.body if r.body is not None else (r.raw or ""), r.body is None)
+            for r in rows]
+
+
+_PG_WRITE = text("""
+UPDATE requests AS r SET
+  status = v.status, output_text = v.output_text, finish_reason = v.finish_reason,
+  error_code = v.error_code, error_message = v.error_message,
+  prompt_tokens = v.prompt_tokens, completion_tokens = v.completion_tokens,
+  finished_at = v.finished_at, lease_owner = NULL, lease_expires_at = NULL
+FROM (SELECT unnest(CAST(:ids AS bigint[])) AS id, unnest(CAST(:status AS text[])) AS status,
+             unnest(CAST(:output_text AS text[])) AS output_text,
+             unnest(CAST(:finish_reason AS text[])) AS finish_reason,
+             unnest(CAST(:error_code AS text[])) AS error_code,
+             unnest(CAST(:error_message AS text[])) AS error_message,
+             unnest(CAST(:prompt_tokens AS int[])) AS prompt_tokens,
+             unnest(CAST(:completion_tokens AS int[])) AS completion_tokens,
+             unnest(CAST(:finished_at AS float8[])) AS finished_at) AS v
+WHERE r.id = v.id
+""")
+
+_FIELDS = ("status", "output_text", "finish_reason", "error_code", "error_message",
+           "prompt_tokens", "completion_tokens", "finished_at")
+
+
+def write_results(db: Database, owner: str, results: Sequence[Result]) -> list[str]:
+    """Store results in one transaction, only for rows this worker still holds.
+
+    Returns the ids of batches that finished with this write.
+    """
+    if not results:
+        return []
+    with db.write() as conn:
+        held_q = (select(requests.c.id, requests.c.batch_id)
+                  .where(requests.c.id.in_([r.id for r in results]),
+                         requests.c.lease_owner == owner, requests.c.status == RUNNING))
+        if db.is_postgres:
+            held_q = held_q.with_for_update()
+        held = dict(conn.execute(held_q).tuples().all())
+        mine = [r for r in results if r.id in held]
+        if not mine:
+            return []
+        if db.is_postgres:
+            params = {"ids": [r.id for r in mine]}
+            for f in _FIELDS:
+                params[f] = [getattr(r, f) for r in mine]
+            conn.execute(_PG_WRITE, params)
+        else:
+            conn.execute(
+                update(requests).where(requests.c.id == bindparam("rid")).values(
+                    **{f: bindparam(f) for f in _FIELDS},
+                    lease_owner=None, lease_expires_at=None),
+                [{"rid": r.id, **{f: getattr(r, f) for f in _FIELDS}} for r in mine])
+        outcomes = [Outcome(held[r.id], r.status, r.prompt_tokens, r.completion_tokens)
+                    for r in mine]
+        return account(conn, tally(outcomes))
+
+
+def requeue_expired_leases(db: Database, max_attempts: int) -> tuple[list[tuple[int, str, int]],
+                                                                       list[str]]:
+    """Give rows whose lease ran out back to the queue (or fail them after max attempts).
+
+    Returns (requeued (id, model, priority), finished batch ids).
+    """
+    now = clock()
+    with db.write() as conn:
+        expired = and_(requests.c.status == RUNNING, requests.c.lease_expires_at < now)
+        cancelling = select(batches.c.id).where(batches.c.status == CANCELLING)
+        dropped = conn.execute(
+            update(requests).where(expired, requests.c.batch_id.in_(cancelling))
+            .values(status=CANCELLED, error_code="batch_cancelled",
+                    error_message="the batch was cancelled", finished_at=now,
+                    lease_owner=None, lease_expires_at=None)
+            .returning(requests.c.batch_id)).scalars().all()
+        poisoned = conn.execute(
+            update(requests).where(expired, requests.c.attempts >= max_attempts)
+            .values(status=FAILED, error_code="max_attempts_exceeded",
+                    error_message=f"the request was started {max_attempts} times and its "
+                                  "worker never finished it", finished_at=now,
+                    lease_owner=None, lease_expires_at=None)
+            .returning(requests.c.batch_id)).scalars().all()
+        requeued = conn.execute(
+            update(requests).where(expired)
+            .values(status=QUEUED, lease_owner=None, lease_expires_at=None, queued_at=now)
+            .returning(requests.c.id, requests.c.model, requests.c.priority)).tuples().all()
+        outcomes = [Outcome(b, CANCELLED) for b in dropped]
+        outcomes += [Outcome(b, FAILED) for b in poisoned]
+        finished = account(conn, tally(outcomes)) if outcomes else []
+    return list(requeued), finished
+
+
+def stale_queued(db: Database, older_than: float, limit: int = 100_000
+                 ) -> list[tuple[int, str, int]]:
+    """Queued rows whose message may be lost; their clock restarts so each is sent once."""
+    now = clock()
+    with db.write() as conn:
+        rows = conn.execute(
+            select(requests.c.id, requests.c.model, requests.c.priority)
+            .where(requests.c.status == QUEUED, requests.c.queued_at < now - older_than)
+            .order_by(requests.c.id).limit(limit)).tuples().all()
+        if rows:
+            ids = [r[0] for r in rows]
+            for start in range(0, len(ids), 10_000):
+                conn.execute(update(requests)
+                             .where(requests.c.id.in_(ids[start:start + 10_000]))
+                             .values(queued_at=now))
+    return list(rows)
+
+
+def expire_batches(db: Database) -> list[str]:
+    """End batches whose completion window passed; unfinished requests get batch_expired."""
+    now = unix()
+    done = []
+    with db.write() as conn:
+        due = conn.execute(select(batches.c.id).where(
+            batches.c.status == IN_PROGRESS, batches.c.expires_at.is_not(None),
+            batches.c.expires_at <= now)).scalars().all()
+        for batch_id in due:
+            n = conn.execute(
+                update(requests)
+                .where(requests.c.batch_id == batch_id,
+                       requests.c.status.in_((QUEUED, RUNNING)))
+                .values(status=EXPIRED, error_code="batch_expired",
+                        error_message="This request could not be executed before the "
+                                      "completion window expired.",
+                        finished_at=clock(), lease_owner=None, lease_expires_at=None)
+            ).rowcount
+            conn.execute(update(batches).where(batches.c.id == batch_id)
+                         .values(dropped=batches.c.dropped + n))
+            finalize(conn, batch_id, B_EXPIRED)
+            done.append(batch_id)
+    return done
+
+
+def cancelled_among(conn: Connection, ids: Sequence[int]) -> list[int]:
+    """Which of these running requests belong to batches being cancelled."""
+    return list(conn.execute(
+        select(requests.c.id).where(
+            requests.c.id.in_(list(ids)),
+            requests.c.batch_id.in_(select(batches.c.id).where(batches.c.status == CANCELLING)))
+    ).scalars().all())
