@@ -67,3 +67,8 @@ def publish(app: Celery, settings: Settings, model: str, priority: int,
             app.send_task(TASK_NAME, args=[chunk, priority], queue=queue, producer=producer)
             sent += 1
     return sent
+
+
+def done_channel(batch_id: str) -> str:
+    """Pub/sub channel that announces a batch or job has finished (wakes long-polls)."""
+    return f"{DONE_CHANNEL}:{batch_id}"
