@@ -222,3 +222,13 @@ def cancelled_among(conn: Connection, ids: Sequence[int]) -> list[int]:
             requests.c.id.in_(list(ids)),
             requests.c.batch_id.in_(select(batches.c.id).where(batches.c.status == CANCELLING)))
     ).scalars().all())
+
+
+def renew_leases(db: Database, ids: Sequence[int], owner: str, lease_seconds: float) -> int:
+    """Extend this worker's leases on rows still running (long generations, long queues)."""
+    with db.write() as conn:
+        return conn.execute(
+            update(requests).where(requests.c.id.in_(list(ids)),
+                                   requests.c.lease_owner == owner,
+                                   requests.c.status == RUNNING)
+            .values(lease_expires_at=clock() + lease_seconds)).rowcount

@@ -1,0 +1,226 @@
+"""The `sluice` command: up, api, worker, db upgrade, run, batches, model tiny."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from sluice.config import Settings, get_settings
+from sluice.errors import SluiceError
+
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+
+def _stop_on_signals() -> None:
+    """Turn SIGTERM into KeyboardInterrupt so every command stops the same clean way."""
+    def handler(_sig: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    """API + worker + embedded Redis + SQLite in one command."""
+    from sluice.stack import Stack
+
+    stack = Stack(settings, args.host, args.port)
+    _stop_on_signals()
+    try:
+        stack.start()
+        print(f"Sluice is up at {stack.url} (engine {settings.engine}, model "
+              f"{settings.served_model}); Ctrl-C stops it.", flush=True)
+        return stack.wait()
+    except KeyboardInterrupt:
+        print("stopping...", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        stack.stop()
+
+
+def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
+    """Serve the HTTP API."""
+    import uvicorn
+
+    # Imported by name: the sluice package never imports api or worker.
+    uvicorn.run("api.app:app_factory", factory=True, host=args.host, port=args.port,
+                log_level="warning", access_log=False)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    """Run one GPU worker (one engine) until SIGTERM."""
+    from sluice.redis_server import ensure_redis
+
+    url = ensure_redis(settings, detach=True).url
+    main = importlib.import_module("worker.main")
+    main.run_worker(settings, url, loglevel=args.loglevel)
+    return 0
+
+
+def cmd_db_upgrade(_args: argparse.Namespace, settings: Settings) -> int:
+    """Apply migrations up to the newest."""
+    from sluice.migrate import upgrade
+
+    upgrade(settings.resolved_database_url)
+    print(f"database at head: {settings.resolved_database_url}")
+    return 0
+
+
+def cmd_model_tiny(args: argparse.Namespace, _settings: Settings) -> int:
+    """Build the tiny random Llama used by tests and the demo."""
+    from sluice.tiny_model import build_tiny_model
+
+    path = build_tiny_model(Path(args.dir))
+    print(f"tiny model written to {path}")
+    return 0
+
+
+def _progress(client: Any, batch_id: str, total: int) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="req", desc=batch_id[:18], file=sys.stderr) as bar:
+        while True:
+            batch: dict[str, Any] = client.batch(batch_id)
+            counts = batch["request_counts"]
+            bar.update(counts["completed"] + counts["failed"] - bar.n)
+            if batch["status"] in TERMINAL:
+                return batch
+            time.sleep(0.5)
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    """Submit a JSONL file, show progress, write the results; exit 0 if all succeeded."""
+    from sluice.client import Client, to_batch_lines
+    from sluice.stack import Stack, free_port
+
+    src, out = Path(args.file), Path(args.output)
+    if not src.is_file():
+        print(f"sluice run: {src} does not exist", file=sys.stderr)
+        return 2
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    converted = settings.data_dir / f"run-{src.stem}.batch.jsonl"
+    endpoint, count = to_batch_lines(src, converted, settings.served_model)
+    stack = None
+    url = args.url or settings.public_url
+    _stop_on_signals()
+    try:
+        if not url:
+            stack = Stack(settings, "127.0.0.1", free_port(), quiet=True)
+            print("starting the embedded stack (logs in "
+                  f"{settings.data_dir.resolve()})...", file=sys.stderr, flush=True)
+            stack.start()
+            url = stack.url
+        client = Client(url)
+        uploaded = client.upload(converted)
+        batch = client.create_batch(uploaded["id"], endpoint, args.completion_window)
+        if batch["status"] == "failed":
+            for err in batch["errors"]["data"]:
+                print(f"line {err.get('line')}: {err['message']}", file=sys.stderr)
+            return 1
+        batch = _progress(client, batch["id"], count)
+        with out.open("wb") as fh:
+            for fid in (batch.get("output_file_id"), batch.get("error_file_id")):
+                if fid:
+                    for chunk in client.stream(f"/v1/files/{fid}/content"):
+                        fh.write(chunk)
+        counts = batch["request_counts"]
+        print(f"{batch['status']}: {counts['completed']} succeeded, {counts['failed']} failed "
+              f"of {counts['total']}; results in {out}", file=sys.stderr)
+        ok = batch["status"] == "completed" and counts["completed"] == counts["total"]
+        return 0 if ok else 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if stack is not None:
+            stack.stop()
+
+
+def cmd_batches(args: argparse.Namespace, settings: Settings) -> int:
+    """List, inspect, cancel a batch or stream its results."""
+    from sluice.client import Client
+
+    url = args.url or settings.public_url or f"http://{settings.host}:{settings.port}"
+    client = Client(url)
+    if args.action == "list":
+        for b in client.batches(args.limit):
+            c = b["request_counts"]
+            print(f"{b['id']}  {b['status']:<11} {c['completed']}/{c['total']} done, "
+                  f"{c['failed']} failed  {b['endpoint']}")
+        return 0
+    if not args.batch_id:
+        print(f"sluice batches {args.action}: a batch id is required", file=sys.stderr)
+        return 2
+    if args.action == "get":
+        print(json.dumps(client.batch(args.batch_id), indent=2))
+    elif args.action == "cancel":
+        print(json.dumps(client.cancel(args.batch_id), indent=2))
+    else:
+        for chunk in client.stream(f"/v1/batches/{args.batch_id}/results"):
+            sys.stdout.buffer.write(chunk)
+    return 0
+
+
+def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
+    """The argument parser (defaults for host and port come from settings)."""
+    host = settings.host if settings else "127.0.0.1"
+    port = settings.port if settings else 8000
+    p = argparse.ArgumentParser(prog="sluice", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, fn, help_ in (("up", cmd_up, "API + worker + embedded Redis in one command"),
+                            ("api", cmd_api, "serve the HTTP API")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--host", default=host)
+        s.add_argument("--port", type=int, default=port)
+        s.set_defaults(fn=fn)
+    s = sub.add_parser("worker", help="run a worker (one engine, one GPU)")
+    s.add_argument("--loglevel", default="INFO")
+    s.set_defaults(fn=cmd_worker)
+    db = sub.add_parser("db", help="database commands").add_subparsers(dest="db_cmd",
+                                                                       required=True)
+    db.add_parser("upgrade", help="apply migrations").set_defaults(fn=cmd_db_upgrade)
+    model = sub.add_parser("model", help="model helpers").add_subparsers(dest="model_cmd",
+                                                                         required=True)
+    t = model.add_parser("tiny", help="build a tiny random Llama in DIR")
+    t.add_argument("dir")
+    t.set_defaults(fn=cmd_model_tiny)
+    r = sub.add_parser("run", help="run a JSONL file through Sluice and write the results")
+    r.add_argument("file")
+    r.add_argument("-o", "--output", required=True)
+    r.add_argument("--url", help="a running Sluice (default: SLUICE_PUBLIC_URL, else start "
+                                 "the embedded stack)")
+    r.add_argument("--completion-window", default="24h")
+    r.set_defaults(fn=cmd_run)
+    b = sub.add_parser("batches", help="list|get|cancel|results")
+    b.add_argument("action", choices=["list", "get", "cancel", "results"])
+    b.add_argument("batch_id", nargs="?")
+    b.add_argument("--url")
+    b.add_argument("--limit", type=int, default=20)
+    b.set_defaults(fn=cmd_batches)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `sluice` console script."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        settings = get_settings()
+    except SluiceError as exc:
+        print(f"sluice: {exc}", file=sys.stderr)
+        return 2
+    args = build_parser(settings).parse_args(argv)
+    try:
+        return int(args.fn(args, settings))
+    except SluiceError as exc:
+        print(f"sluice: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""`sluice worker`: load the engine once, start the runner, then serve Celery messages."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+
+import redis
+
+from sluice.config import Settings
+from sluice.db import get_database
+from sluice.queue import done_channel, queue_name
+from worker.celery_app import create_worker_app, set_runner
+from worker.engines import load_engine
+from worker.listener import CancelListener
+from worker.reconciler import Reconciler
+from worker.runner import Runner
+
+log = logging.getLogger("sluice.worker")
+
+
+def run_worker(settings: Settings, redis_url: str, loglevel: str = "INFO") -> None:
+    """Run one worker process until SIGTERM/SIGINT (warm shutdown: in-flight work finishes)."""
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    db = get_database(settings)
+    client = redis.Redis.from_url(redis_url)
+    engine = load_engine(settings)
+    log.info("engine %s loaded: model %s, %d slots", settings.engine, settings.served_model,
+             engine.slots)
+
+    def announce(batch_ids: list[str]) -> None:
+        for bid in batch_ids:
+            client.publish(done_channel(bid), "done")
+
+    runner = Runner(settings, db, engine, owner, on_finished=announce)
+    app = create_worker_app(settings, redis_url)
+    reconciler = Reconciler(settings, db, app, client, owner, runner.inflight_ids,
+                            runner.abort, announce)
+    listener = CancelListener(client, runner.abort_batch)
+    set_runner(runner)
+    runner.start()
+    reconciler.start()
+    listener.start()
+    model = settings.served_model
+    worker = app.Worker(
+        pool="threads",
+        concurrency=settings.resolved_worker_threads,
+        queues=[queue_name(model, 0), queue_name(model, 1)],
+        hostname=f"sluice-{settings.engine}@{owner}",
+        loglevel=loglevel,
+        without_mingle=True,
+        without_gossip=True,
+    )
+    try:
+        worker.start()
+    finally:
+        listener.stop()
+        reconciler.stop()
+        runner.stop()
+        set_runner(None)
+        engine.close()
+        db.dispose()
