@@ -21,8 +21,10 @@ TERMINAL = ("completed", "failed", "expired", "cancelled")
 
 def _stop_on_signals() -> None:
     """Turn SIGTERM into KeyboardInterrupt so every command stops the same clean way."""
+
     def handler(_sig: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, handler)
 
 
@@ -34,8 +36,11 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     _stop_on_signals()
     try:
         stack.start()
-        print(f"Sluice is up at {stack.url} (engine {settings.engine}, model "
-              f"{settings.served_model}); Ctrl-C stops it.", flush=True)
+        print(
+            f"Sluice is up at {stack.url} (engine {settings.engine}, model "
+            f"{settings.served_model}); Ctrl-C stops it.",
+            flush=True,
+        )
         return stack.wait()
     except KeyboardInterrupt:
         print("stopping...", file=sys.stderr, flush=True)
@@ -49,8 +54,14 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     # Imported by name: the sluice package never imports api or worker.
-    uvicorn.run("api.app:app_factory", factory=True, host=args.host, port=args.port,
-                log_level="warning", access_log=False)
+    uvicorn.run(
+        "api.app:app_factory",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+    )
     return 0
 
 
@@ -113,8 +124,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if not url:
             stack = Stack(settings, "127.0.0.1", free_port(), quiet=True)
-            print("starting the embedded stack (logs in "
-                  f"{settings.data_dir.resolve()})...", file=sys.stderr, flush=True)
+            print(
+                f"starting the embedded stack (logs in {settings.data_dir.resolve()})...",
+                file=sys.stderr,
+                flush=True,
+            )
             stack.start()
             url = stack.url
         client = Client(url)
@@ -131,8 +145,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
                     for chunk in client.stream(f"/v1/files/{fid}/content"):
                         fh.write(chunk)
         counts = batch["request_counts"]
-        print(f"{batch['status']}: {counts['completed']} succeeded, {counts['failed']} failed "
-              f"of {counts['total']}; results in {out}", file=sys.stderr)
+        print(
+            f"{batch['status']}: {counts['completed']} succeeded, {counts['failed']} failed "
+            f"of {counts['total']}; results in {out}",
+            file=sys.stderr,
+        )
         ok = batch["status"] == "completed" and counts["completed"] == counts["total"]
         return 0 if ok else 1
     except KeyboardInterrupt:
@@ -151,8 +168,10 @@ def cmd_batches(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "list":
         for b in client.batches(args.limit):
             c = b["request_counts"]
-            print(f"{b['id']}  {b['status']:<11} {c['completed']}/{c['total']} done, "
-                  f"{c['failed']} failed  {b['endpoint']}")
+            print(
+                f"{b['id']}  {b['status']:<11} {c['completed']}/{c['total']} done, "
+                f"{c['failed']} failed  {b['endpoint']}"
+            )
         return 0
     if not args.batch_id:
         print(f"sluice batches {args.action}: a batch id is required", file=sys.stderr)
@@ -173,8 +192,10 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     port = settings.port if settings else 8000
     p = argparse.ArgumentParser(prog="sluice", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    for name, fn, help_ in (("up", cmd_up, "API + worker + embedded Redis in one command"),
-                            ("api", cmd_api, "serve the HTTP API")):
+    for name, fn, help_ in (
+        ("up", cmd_up, "API + worker + embedded Redis in one command"),
+        ("api", cmd_api, "serve the HTTP API"),
+    ):
         s = sub.add_parser(name, help=help_)
         s.add_argument("--host", default=host)
         s.add_argument("--port", type=int, default=port)
@@ -182,19 +203,20 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     s = sub.add_parser("worker", help="run a worker (one engine, one GPU)")
     s.add_argument("--loglevel", default="INFO")
     s.set_defaults(fn=cmd_worker)
-    db = sub.add_parser("db", help="database commands").add_subparsers(dest="db_cmd",
-                                                                       required=True)
+    db = sub.add_parser("db", help="database commands").add_subparsers(dest="db_cmd", required=True)
     db.add_parser("upgrade", help="apply migrations").set_defaults(fn=cmd_db_upgrade)
-    model = sub.add_parser("model", help="model helpers").add_subparsers(dest="model_cmd",
-                                                                         required=True)
+    model = sub.add_parser("model", help="model helpers").add_subparsers(
+        dest="model_cmd", required=True
+    )
     t = model.add_parser("tiny", help="build a tiny random Llama in DIR")
     t.add_argument("dir")
     t.set_defaults(fn=cmd_model_tiny)
     r = sub.add_parser("run", help="run a JSONL file through Sluice and write the results")
     r.add_argument("file")
     r.add_argument("-o", "--output", required=True)
-    r.add_argument("--url", help="a running Sluice (default: SLUICE_PUBLIC_URL, else start "
-                                 "the embedded stack)")
+    r.add_argument(
+        "--url", help="a running Sluice (default: SLUICE_PUBLIC_URL, else start the embedded stack)"
+    )
     r.add_argument("--completion-window", default="24h")
     r.set_defaults(fn=cmd_run)
     b = sub.add_parser("batches", help="list|get|cancel|results")

@@ -21,8 +21,11 @@ class Client:
     """Files, batches and results over HTTP."""
 
     def __init__(self, base_url: str, api_key: str = "sluice") -> None:
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=120,
-                                 headers={"Authorization": f"Bearer {api_key}"})
+        self.http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            timeout=120,
+            headers={"Authorization": f"Bearer {api_key}"},
+        )
 
     def _check(self, resp: httpx.Response) -> Any:
         if resp.status_code >= 400:
@@ -30,20 +33,36 @@ class Client:
                 msg = resp.json()["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 msg = resp.text
-            raise ApiError(f"{resp.request.method} {resp.request.url.path}: "
-                           f"{resp.status_code} {msg}")
+            raise ApiError(
+                f"{resp.request.method} {resp.request.url.path}: {resp.status_code} {msg}"
+            )
         return resp.json()
 
     def upload(self, path: Path) -> dict[str, Any]:
         """Upload a batch input file."""
         with path.open("rb") as fh:
-            return dict(self._check(self.http.post(
-                "/v1/files", data={"purpose": "batch"}, files={"file": (path.name, fh)})))
+            return dict(
+                self._check(
+                    self.http.post(
+                        "/v1/files", data={"purpose": "batch"}, files={"file": (path.name, fh)}
+                    )
+                )
+            )
 
     def create_batch(self, file_id: str, endpoint: str, window: str = "24h") -> dict[str, Any]:
         """Start a batch on an uploaded file."""
-        return dict(self._check(self.http.post("/v1/batches", json={
-            "input_file_id": file_id, "endpoint": endpoint, "completion_window": window})))
+        return dict(
+            self._check(
+                self.http.post(
+                    "/v1/batches",
+                    json={
+                        "input_file_id": file_id,
+                        "endpoint": endpoint,
+                        "completion_window": window,
+                    },
+                )
+            )
+        )
 
     def batch(self, batch_id: str) -> dict[str, Any]:
         """One batch."""
@@ -96,6 +115,7 @@ def to_batch_lines(src: Path, dst: Path, model: str) -> tuple[str, int]:
             fout.write(json.dumps(line) + "\n")
             count += 1
     if len(endpoints) > 1:
-        raise InvalidInput(f"{src}: mixes {' and '.join(sorted(endpoints))}; a batch uses one "
-                           "endpoint")
+        raise InvalidInput(
+            f"{src}: mixes {' and '.join(sorted(endpoints))}; a batch uses one endpoint"
+        )
     return (endpoints.pop() if endpoints else CHAT), count

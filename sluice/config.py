@@ -83,9 +83,7 @@ class Settings(BaseSettings):
         if self.database_url is not None and not re.match(
             r"^(sqlite|postgresql)(\+\w+)?://", self.database_url
         ):
-            raise ValueError(
-                "SLUICE_DATABASE_URL must start with sqlite:// or postgresql://"
-            )
+            raise ValueError("SLUICE_DATABASE_URL must start with sqlite:// or postgresql://")
         if self.redis_url is not None and not re.match(
             r"^(redis|rediss|redis\+socket|unix)://", self.redis_url
         ):

@@ -23,8 +23,13 @@ class NotFound(SluiceError):
 class InvalidInput(SluiceError):
     """Client input is wrong; says which field or line."""
 
-    def __init__(self, message: str, param: str | None = None, line: int | None = None,
-                 code: str = "invalid_request") -> None:
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        line: int | None = None,
+        code: str = "invalid_request",
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param

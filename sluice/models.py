@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from sqlalchemy import (
     BigInteger,
     Float,
@@ -11,6 +13,7 @@ from sqlalchemy import (
     MetaData,
     SmallInteger,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -32,13 +35,21 @@ BULK = 1
 
 # Request statuses
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, EXPIRED = (
-    "queued", "running", "succeeded", "failed", "cancelled", "expired",
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "expired",
 )
 TERMINAL_REQUEST = (SUCCEEDED, FAILED, CANCELLED, EXPIRED)
 
 # Batch statuses: OpenAI's eight.
 VALIDATING, IN_PROGRESS, FINALIZING, COMPLETED = (
-    "validating", "in_progress", "finalizing", "completed",
+    "validating",
+    "in_progress",
+    "finalizing",
+    "completed",
 )
 B_FAILED, B_EXPIRED, CANCELLING, B_CANCELLED = "failed", "expired", "cancelling", "cancelled"
 TERMINAL_BATCH = (COMPLETED, B_FAILED, B_EXPIRED, B_CANCELLED)
@@ -134,9 +145,7 @@ class Request(Base):
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    batch_id: Mapped[str] = mapped_column(
-        String(64), ForeignKey("batches.id", ondelete="CASCADE")
-    )
+    batch_id: Mapped[str] = mapped_column(String(64), ForeignKey("batches.id", ondelete="CASCADE"))
     file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     line_no: Mapped[int] = mapped_column(Integer, default=0)
     custom_id: Mapped[str] = mapped_column(String(512))
@@ -160,7 +169,8 @@ class Request(Base):
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
-files = File.__table__
-file_lines = FileLine.__table__
-batches = Batch.__table__
-requests = Request.__table__
+# Core tables for bulk SQL (the ORM classes above are the schema, for Alembic and typing).
+files = cast(Table, File.__table__)
+file_lines = cast(Table, FileLine.__table__)
+batches = cast(Table, Batch.__table__)
+requests = cast(Table, Request.__table__)

@@ -26,7 +26,7 @@ def queue_name(model: str, priority: int) -> str:
 def broker_url(redis_url: str) -> str:
     """Kombu spells a Unix socket redis+socket://; redis-py spells it unix://."""
     if redis_url.startswith("unix://"):
-        return "redis+socket://" + redis_url[len("unix://"):]
+        return "redis+socket://" + redis_url[len("unix://") :]
     return redis_url
 
 
@@ -54,11 +54,10 @@ def make_celery(settings: Settings, redis_url: str) -> Celery:
 def chunks(ids: Sequence[int], size: int) -> Iterable[list[int]]:
     """Split request ids into messages of at most `size` ids."""
     for start in range(0, len(ids), size):
-        yield list(ids[start:start + size])
+        yield list(ids[start : start + size])
 
 
-def publish(app: Celery, settings: Settings, model: str, priority: int,
-            ids: Sequence[int]) -> int:
+def publish(app: Celery, settings: Settings, model: str, priority: int, ids: Sequence[int]) -> int:
     """Send wake-up messages naming these request ids; returns the message count."""
     queue = queue_name(model, priority)
     sent = 0

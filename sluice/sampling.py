@@ -45,8 +45,9 @@ def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: floa
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise InvalidInput(f"{name} must be a number", param=name, code="invalid_value")
     if not lo <= value <= hi:
-        raise InvalidInput(f"{name} must be between {lo} and {hi}", param=name,
-                           code="invalid_value")
+        raise InvalidInput(
+            f"{name} must be between {lo} and {hi}", param=name, code="invalid_value"
+        )
     return float(value)
 
 
@@ -57,8 +58,7 @@ def _max_tokens(body: dict[str, Any]) -> int:
     if value is None:
         return DEFAULT_MAX_TOKENS
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInput(f"{name} must be a positive integer", param=name,
-                           code="invalid_value")
+        raise InvalidInput(f"{name} must be a positive integer", param=name, code="invalid_value")
     return value
 
 
@@ -68,10 +68,16 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
         return ()
     if isinstance(stop, str):
         stop = [stop]
-    if (not isinstance(stop, list) or len(stop) > 4
-            or not all(isinstance(s, str) and s for s in stop)):
-        raise InvalidInput("stop must be a string or a list of up to 4 non-empty strings",
-                           param="stop", code="invalid_value")
+    if (
+        not isinstance(stop, list)
+        or len(stop) > 4
+        or not all(isinstance(s, str) and s for s in stop)
+    ):
+        raise InvalidInput(
+            "stop must be a string or a list of up to 4 non-empty strings",
+            param="stop",
+            code="invalid_value",
+        )
     return tuple(stop)
 
 
@@ -90,8 +96,9 @@ def parse_sampling(body: dict[str, Any]) -> Sampling:
     if n not in (1, None):
         raise InvalidInput("only n=1 is supported", param="n", code="invalid_value")
     if body.get("stream"):
-        raise InvalidInput("stream is not supported in batches", param="stream",
-                           code="invalid_value")
+        raise InvalidInput(
+            "stream is not supported in batches", param="stream", code="invalid_value"
+        )
     return Sampling(
         max_tokens=_max_tokens(body),
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
@@ -106,28 +113,41 @@ def parse_sampling(body: dict[str, Any]) -> Sampling:
 def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     messages = body.get("messages")
     if messages is None:
-        raise InvalidInput("messages is required for /v1/chat/completions",
-                           param="messages", code="missing_required_parameter")
+        raise InvalidInput(
+            "messages is required for /v1/chat/completions",
+            param="messages",
+            code="missing_required_parameter",
+        )
     if not isinstance(messages, list) or not messages:
-        raise InvalidInput("messages must be a non-empty list", param="messages",
-                           code="invalid_value")
+        raise InvalidInput(
+            "messages must be a non-empty list", param="messages", code="invalid_value"
+        )
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(msg, dict):
             raise InvalidInput(f"{where} must be an object", param=where, code="invalid_value")
         if msg.get("role") not in ROLES:
-            raise InvalidInput(f"{where}.role must be one of {', '.join(ROLES)}",
-                               param=f"{where}.role", code="invalid_value")
+            raise InvalidInput(
+                f"{where}.role must be one of {', '.join(ROLES)}",
+                param=f"{where}.role",
+                code="invalid_value",
+            )
         content = msg.get("content")
         if isinstance(content, list):
             # OpenAI's content parts: only text parts make sense for a text model.
-            if not all(isinstance(p, dict) and p.get("type") == "text"
-                       and isinstance(p.get("text"), str) for p in content):
-                raise InvalidInput(f"{where}.content parts must be text parts",
-                                   param=f"{where}.content", code="invalid_value")
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                for p in content
+            ):
+                raise InvalidInput(
+                    f"{where}.content parts must be text parts",
+                    param=f"{where}.content",
+                    code="invalid_value",
+                )
         elif not isinstance(content, str):
-            raise InvalidInput(f"{where}.content must be a string", param=f"{where}.content",
-                               code="invalid_value")
+            raise InvalidInput(
+                f"{where}.content must be a string", param=f"{where}.content", code="invalid_value"
+            )
     return messages
 
 
@@ -152,15 +172,18 @@ def parse_body(endpoint: str, body: Any) -> ParsedBody:
     elif endpoint == COMPLETIONS:
         raw = body.get("prompt")
         if raw is None:
-            raise InvalidInput("prompt is required for /v1/completions", param="prompt",
-                               code="missing_required_parameter")
+            raise InvalidInput(
+                "prompt is required for /v1/completions",
+                param="prompt",
+                code="missing_required_parameter",
+            )
         if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], str):
             raw = raw[0]
         if not isinstance(raw, str):
             raise InvalidInput("prompt must be a string", param="prompt", code="invalid_value")
         prompt = raw
     else:
-        raise InvalidInput(f"endpoint must be one of {', '.join(ENDPOINTS)}",
-                           param="endpoint", code="invalid_url")
-    return ParsedBody(model=model, prompt=prompt, messages=messages,
-                      sampling=parse_sampling(body))
+        raise InvalidInput(
+            f"endpoint must be one of {', '.join(ENDPOINTS)}", param="endpoint", code="invalid_url"
+        )
+    return ParsedBody(model=model, prompt=prompt, messages=messages, sampling=parse_sampling(body))

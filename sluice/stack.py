@@ -28,23 +28,34 @@ def free_port(host: str = "127.0.0.1") -> int:
 class Stack:
     """API + worker (+ embedded Redis when none is configured), as child processes."""
 
-    def __init__(self, settings: Settings, host: str, port: int,
-                 env: Mapping[str, str] | None = None, quiet: bool = False) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        host: str,
+        port: int,
+        env: Mapping[str, str] | None = None,
+        quiet: bool = False,
+    ) -> None:
         self.settings = settings
         self.host = host
         self.port = port
         self.extra_env = dict(env or {})
         self.quiet = quiet
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.names: list[str] = []
         self.redis = ensure_redis(settings)
         self.url = f"http://{host}:{port}"
 
     def start(self, timeout: float = 120.0) -> None:
         """Migrate, start both processes, wait until the API answers /readyz."""
         upgrade(self.settings.resolved_database_url)
-        env = {**os.environ, **self.extra_env, "SLUICE_REDIS_URL": self.redis.url,
-               "SLUICE_DATA_DIR": str(self.settings.data_dir.resolve()),
-               "SLUICE_DATABASE_URL": self.settings.resolved_database_url}
+        env = {
+            **os.environ,
+            **self.extra_env,
+            "SLUICE_REDIS_URL": self.redis.url,
+            "SLUICE_DATA_DIR": str(self.settings.data_dir.resolve()),
+            "SLUICE_DATABASE_URL": self.settings.resolved_database_url,
+        }
         out = subprocess.DEVNULL if self.quiet else None
         log_dir = Path(self.settings.data_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -53,18 +64,26 @@ class Stack:
             (["worker"], "worker.log"),
         ):
             stream = open(log_dir / log_name, "ab") if self.quiet else out  # noqa: SIM115
-            self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "sluice.cli", *args], env=env, stdout=stream,
-                stderr=subprocess.STDOUT if self.quiet else None))
+            self.names.append(args[0])
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "sluice.cli", *args],
+                    env=env,
+                    stdout=stream,
+                    stderr=subprocess.STDOUT if self.quiet else None,
+                )
+            )
         self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for p in self.procs:
+            for name, p in zip(self.names, self.procs, strict=True):
                 if p.poll() is not None:
-                    raise RuntimeError(f"{p.args[3]} exited with code {p.returncode}; "
-                                       f"see the logs in {self.settings.data_dir}")
+                    raise RuntimeError(
+                        f"sluice {name} exited with code {p.returncode}; "
+                        f"see the logs in {self.settings.data_dir}"
+                    )
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
                     return
@@ -95,4 +114,5 @@ class Stack:
                 p.kill()
                 p.wait()
         self.procs.clear()
+        self.names.clear()
         self.redis.stop()

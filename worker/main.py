@@ -27,8 +27,9 @@ def run_worker(settings: Settings, redis_url: str, loglevel: str = "INFO") -> No
     db = get_database(settings)
     client = redis.Redis.from_url(redis_url)
     engine = load_engine(settings)
-    log.info("engine %s loaded: model %s, %d slots", settings.engine, settings.served_model,
-             engine.slots)
+    log.info(
+        "engine %s loaded: model %s, %d slots", settings.engine, settings.served_model, engine.slots
+    )
 
     def announce(batch_ids: list[str]) -> None:
         for bid in batch_ids:
@@ -36,8 +37,9 @@ def run_worker(settings: Settings, redis_url: str, loglevel: str = "INFO") -> No
 
     runner = Runner(settings, db, engine, owner, on_finished=announce)
     app = create_worker_app(settings, redis_url)
-    reconciler = Reconciler(settings, db, app, client, owner, runner.inflight_ids,
-                            runner.abort, announce)
+    reconciler = Reconciler(
+        settings, db, app, client, owner, runner.inflight_ids, runner.abort, announce
+    )
     listener = CancelListener(client, runner.abort_batch)
     set_runner(runner)
     runner.start()

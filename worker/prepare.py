@@ -37,12 +37,19 @@ def to_gen_request(claimed: Claimed, engine: Engine) -> GenRequest:
             f"This model's maximum context length is {limit} tokens. However, you requested "
             f"{n_prompt + parsed.sampling.max_tokens} tokens ({n_prompt} in the prompt, "
             f"{parsed.sampling.max_tokens} in the completion). Please reduce the length of "
-            "the prompt or max_tokens.")
-    return GenRequest(id=claimed.id, prompt=prompt, sampling=parsed.sampling,
-                      priority=claimed.priority)
+            "the prompt or max_tokens.",
+        )
+    return GenRequest(
+        id=claimed.id, prompt=prompt, sampling=parsed.sampling, priority=claimed.priority
+    )
 
 
 def rejected_result(claimed_id: int, exc: RequestRejected) -> Result:
     """The stored failure of a request that never reached the engine."""
-    return Result(id=claimed_id, status="failed", error_code=exc.code,
-                  error_message=exc.message, finished_at=now())
+    return Result(
+        id=claimed_id,
+        status="failed",
+        error_code=exc.code,
+        error_message=exc.message,
+        finished_at=now(),
+    )

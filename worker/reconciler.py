@@ -21,10 +21,17 @@ log = logging.getLogger("sluice.reconciler")
 class Reconciler:
     """Every few seconds: renew leases; then, one worker at a time, requeue and expire."""
 
-    def __init__(self, settings: Settings, db: Database, app: Celery, client: redis.Redis,
-                 owner: str, inflight: Callable[[], dict[int, str]],
-                 abort: Callable[[list[int]], None],
-                 on_finished: Callable[[list[str]], None]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        app: Celery,
+        client: redis.Redis,
+        owner: str,
+        inflight: Callable[[], dict[int, str]],
+        abort: Callable[[list[int]], None],
+        on_finished: Callable[[list[str]], None],
+    ) -> None:
         self.settings = settings
         self.db = db
         self.app = app
@@ -34,8 +41,7 @@ class Reconciler:
         self.abort = abort
         self.on_finished = on_finished
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="sluice-reconciler",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="sluice-reconciler", daemon=True)
 
     def start(self) -> None:
         """Run in the background."""

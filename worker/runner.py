@@ -9,6 +9,7 @@ ticket completes when every id it named is committed by this worker or was not c
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -17,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import ParamSpec, TypeVar
 
 from sqlalchemy.exc import OperationalError
 
@@ -32,6 +33,7 @@ from worker.prepare import rejected_result, to_gen_request
 
 log = logging.getLogger("sluice.worker")
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 @dataclass
@@ -56,8 +58,14 @@ class Abort:
 class Runner:
     """Feeds one engine from the database, continuously or (for comparison) chunk by chunk."""
 
-    def __init__(self, settings: Settings, db: Database, engine: Engine, owner: str,
-                 on_finished: Callable[[list[str]], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        engine: Engine,
+        owner: str,
+        on_finished: Callable[[list[str]], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.db = db
         self.engine = engine
@@ -112,10 +120,12 @@ class Runner:
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
         """Start the claimer, engine and writer threads."""
-        for name, target in (("claimer", self._claim_loop), ("engine", self._engine_loop),
-                             ("writer", self._write_loop)):
-            t = threading.Thread(target=self._guard(target), name=f"sluice-{name}",
-                                 daemon=True)
+        for name, target in (
+            ("claimer", self._claim_loop),
+            ("engine", self._engine_loop),
+            ("writer", self._write_loop),
+        ):
+            t = threading.Thread(target=self._guard(target), name=f"sluice-{name}", daemon=True)
             t.start()
             self._threads.append(t)
 
@@ -142,7 +152,9 @@ class Runner:
                 self._stop.set()
                 import os
                 import signal
+
                 os.kill(os.getpid(), signal.SIGTERM)
+
         return run
 
     # -- claimer ------------------------------------------------------------------------
@@ -151,10 +163,13 @@ class Runner:
         with self._cv:
             while not self._stop.is_set():
                 busy = len(self._inflight)
-                room = (self.engine.slots if busy == 0 else 0) if self.batch_mode \
+                room = (
+                    (self.engine.slots if busy == 0 else 0)
+                    if self.batch_mode
                     else self.target - busy
+                )
                 if self._pending and room > 0:
-                    ids = []
+                    ids: list[int] = []
                     while self._pending and len(ids) < room:
                         _, _, rid = heapq.heappop(self._pending)
                         self._queued_ids.discard(rid)
@@ -171,8 +186,7 @@ class Runner:
             ids = self._take()
             if not ids:
                 continue
-            claimed = _retry(lambda: work.claim(self.db, ids, self.owner,
-                                                self.settings.lease_seconds))
+            claimed = _retry(work.claim, self.db, ids, self.owner, self.settings.lease_seconds)
             got = {c.id for c in claimed}
             with self._cv:
                 for c in claimed:
@@ -216,10 +230,8 @@ class Runner:
                     self._emit(engine.step())
             else:
                 # Batch mode, chunk still arriving: wait for its next request.
-                try:
+                with contextlib.suppress(queue.Empty):
                     stopping = self._admit(self._inbox.get(timeout=0.05)) or stopping
-                except queue.Empty:
-                    pass
 
     def _drain_inbox(self) -> bool:
         """Admit what is waiting without blocking; True if a stop arrived."""
@@ -250,15 +262,41 @@ class Runner:
         t = now()
         for o in outs:
             if o.finish_reason == "abort":
-                res = Result(o.id, "cancelled", o.text, "abort", "batch_cancelled",
-                             "the batch was cancelled while this request ran",
-                             o.prompt_tokens, o.completion_tokens, t)
+                res = Result(
+                    o.id,
+                    "cancelled",
+                    o.text,
+                    "abort",
+                    "batch_cancelled",
+                    "the batch was cancelled while this request ran",
+                    o.prompt_tokens,
+                    o.completion_tokens,
+                    t,
+                )
             elif o.error:
-                res = Result(o.id, "failed", None, None, "engine_error", o.error,
-                             o.prompt_tokens, o.completion_tokens, t)
+                res = Result(
+                    o.id,
+                    "failed",
+                    None,
+                    None,
+                    "engine_error",
+                    o.error,
+                    o.prompt_tokens,
+                    o.completion_tokens,
+                    t,
+                )
             else:
-                res = Result(o.id, "succeeded", o.text, o.finish_reason, None, None,
-                             o.prompt_tokens, o.completion_tokens, t)
+                res = Result(
+                    o.id,
+                    "succeeded",
+                    o.text,
+                    o.finish_reason,
+                    None,
+                    None,
+                    o.prompt_tokens,
+                    o.completion_tokens,
+                    t,
+                )
             self._results.put(res)
 
     # -- writer ---------------------------------------------------------------------------
@@ -278,7 +316,7 @@ class Runner:
                     self._results.put(None)
                     break
                 batch.append(nxt)
-            finished = _retry(lambda: work.write_results(self.db, self.owner, batch))
+            finished = _retry(work.write_results, self.db, self.owner, batch)
             with self._cv:
                 for r in batch:
                     self._inflight.pop(r.id, None)
@@ -297,11 +335,12 @@ class Runner:
                     ticket.done.set()
 
 
-def _retry(call: Callable[[], T], attempts: int = 5) -> T:
+def _retry(call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """Retry a database call through brief outages (a restart, a failover)."""
+    attempts = 5
     for i in range(attempts):
         try:
-            return call()
+            return call(*args, **kwargs)
         except OperationalError:
             if i == attempts - 1:
                 raise

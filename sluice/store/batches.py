@@ -40,8 +40,11 @@ def window_seconds(window: str) -> int:
     unit = {"m": 60, "h": 3600, "d": 86400}.get(window[-1:])
     if unit and window[:-1].isdigit() and int(window[:-1]) > 0:
         return int(window[:-1]) * unit
-    raise InvalidInput("completion_window must look like 24h, 90m or 7d",
-                       param="completion_window", code="invalid_value")
+    raise InvalidInput(
+        "completion_window must look like 24h, 90m or 7d",
+        param="completion_window",
+        code="invalid_value",
+    )
 
 
 @dataclass
@@ -55,8 +58,9 @@ class Created:
     request_ids: list[int]
 
 
-def _line_errors(conn: Connection, file_id: str, endpoint: str,
-                 accepted: list[str]) -> list[dict[str, Any]]:
+def _line_errors(
+    conn: Connection, file_id: str, endpoint: str, accepted: list[str]
+) -> list[dict[str, Any]]:
     """Every problem in an input file, line by line, as OpenAI's error objects."""
     errs: list[dict[str, Any]] = []
 
@@ -64,118 +68,263 @@ def _line_errors(conn: Connection, file_id: str, endpoint: str,
         errs.append({"code": code, "line": line, "message": message, "param": param})
 
     fl = file_lines.c
-    for r in conn.execute(select(fl.line_no, fl.error_code, fl.error_message, fl.error_param)
-                          .where(fl.file_id == file_id, fl.error_code.is_not(None))
-                          .order_by(fl.line_no)):
+    for r in conn.execute(
+        select(fl.line_no, fl.error_code, fl.error_message, fl.error_param)
+        .where(fl.file_id == file_id, fl.error_code.is_not(None))
+        .order_by(fl.line_no)
+    ):
         add(r.error_code, r.line_no, r.error_message, r.error_param)
-    for r in conn.execute(select(fl.line_no, fl.url).where(
-            fl.file_id == file_id, fl.error_code.is_(None), fl.url != endpoint)
-            .order_by(fl.line_no)):
-        add("invalid_url", r.line_no, f"line {r.line_no}: url {r.url} does not match the "
-            f"batch endpoint {endpoint}", "url")
-    for r in conn.execute(select(fl.line_no, fl.model).where(
-            fl.file_id == file_id, fl.error_code.is_(None), fl.model.not_in(accepted))
-            .order_by(fl.line_no)):
-        add("model_not_found", r.line_no, f"line {r.line_no}: model {r.model!r} is not "
-            f"served here (available: {', '.join(accepted)})", "body.model")
-    models = conn.execute(select(fl.model).where(fl.file_id == file_id,
-                                                 fl.error_code.is_(None))
-                          .group_by(fl.model)).scalars().all()
+    for u in conn.execute(
+        select(fl.line_no, fl.url)
+        .where(fl.file_id == file_id, fl.error_code.is_(None), fl.url != endpoint)
+        .order_by(fl.line_no)
+    ):
+        add(
+            "invalid_url",
+            u.line_no,
+            f"line {u.line_no}: url {u.url} does not match the batch endpoint {endpoint}",
+            "url",
+        )
+    for m in conn.execute(
+        select(fl.line_no, fl.model)
+        .where(fl.file_id == file_id, fl.error_code.is_(None), fl.model.not_in(accepted))
+        .order_by(fl.line_no)
+    ):
+        add(
+            "model_not_found",
+            m.line_no,
+            f"line {m.line_no}: model {m.model!r} is not "
+            f"served here (available: {', '.join(accepted)})",
+            "body.model",
+        )
+    models = (
+        conn.execute(
+            select(fl.model)
+            .where(fl.file_id == file_id, fl.error_code.is_(None))
+            .group_by(fl.model)
+        )
+        .scalars()
+        .all()
+    )
     if len(models) > 1:
-        add("mismatched_model", None, "all lines of a batch must use the same model; found "
-            + ", ".join(sorted(m for m in models if m)), "body.model")
-    first = (select(fl.custom_id, func.min(fl.line_no).label("first"))
-             .where(fl.file_id == file_id, fl.error_code.is_(None))
-             .group_by(fl.custom_id).having(func.count() > 1).subquery())
-    for r in conn.execute(select(fl.line_no, fl.custom_id, first.c.first)
-                          .join(first, first.c.custom_id == fl.custom_id)
-                          .where(fl.file_id == file_id, fl.line_no > first.c.first)
-                          .order_by(fl.line_no)):
-        add("duplicate_custom_id", r.line_no, f"line {r.line_no}: custom_id {r.custom_id!r} "
-            f"already used on line {r.first}", "custom_id")
-    errs.sort(key=lambda e: (e["line"] or 0))
+        add(
+            "mismatched_model",
+            None,
+            "all lines of a batch must use the same model; found "
+            + ", ".join(sorted(m for m in models if m)),
+            "body.model",
+        )
+    first = (
+        select(fl.custom_id, func.min(fl.line_no).label("first"))
+        .where(fl.file_id == file_id, fl.error_code.is_(None))
+        .group_by(fl.custom_id)
+        .having(func.count() > 1)
+        .subquery()
+    )
+    for d in conn.execute(
+        select(fl.line_no, fl.custom_id, first.c.first)
+        .join(first, first.c.custom_id == fl.custom_id)
+        .where(fl.file_id == file_id, fl.line_no > first.c.first)
+        .order_by(fl.line_no)
+    ):
+        add(
+            "duplicate_custom_id",
+            d.line_no,
+            f"line {d.line_no}: custom_id {d.custom_id!r} already used on line {d.first}",
+            "custom_id",
+        )
+    errs.sort(key=lambda e: e["line"] or 0)
     return errs
 
 
-def create_batch(db: Database, *, owner: str, input_file_id: str, endpoint: str,
-                 completion_window: str, metadata: dict[str, str] | None,
-                 accepted_models: list[str], max_requests: int,
-                 webhook_url: str | None = None) -> Created:
+def create_batch(
+    db: Database,
+    *,
+    owner: str,
+    input_file_id: str,
+    endpoint: str,
+    completion_window: str,
+    metadata: dict[str, str] | None,
+    accepted_models: list[str],
+    max_requests: int,
+    webhook_url: str | None = None,
+) -> Created:
     """Check the whole input file, then queue every line as a request (one transaction)."""
     window = window_seconds(completion_window)
     now = unix()
     batch_id = new_batch_id()
     with db.write() as conn:
-        f = conn.execute(select(files.c.purpose, files.c.line_count)
-                         .where(files.c.id == input_file_id, files.c.owner == owner)
-                         ).one_or_none()
+        f = conn.execute(
+            select(files.c.purpose, files.c.line_count).where(
+                files.c.id == input_file_id, files.c.owner == owner
+            )
+        ).one_or_none()
         if f is None:
             raise NotFound("file", input_file_id)
         if f.purpose != "batch":
-            raise InvalidInput(f"file {input_file_id} has purpose {f.purpose!r}, not 'batch'",
-                               param="input_file_id")
+            raise InvalidInput(
+                f"file {input_file_id} has purpose {f.purpose!r}, not 'batch'",
+                param="input_file_id",
+            )
         errs = _line_errors(conn, input_file_id, endpoint, accepted_models)
         if f.line_count == 0:
-            errs.append({"code": "empty_file", "line": None, "param": None,
-                         "message": "the input file has no requests"})
+            errs.append(
+                {
+                    "code": "empty_file",
+                    "line": None,
+                    "param": None,
+                    "message": "the input file has no requests",
+                }
+            )
         if f.line_count > max_requests:
-            errs.append({"code": "too_many_tasks", "line": None, "param": None,
-                         "message": f"the file has {f.line_count} requests; the limit is "
-                                    f"{max_requests}"})
-        model = conn.execute(select(file_lines.c.model).where(
-            file_lines.c.file_id == input_file_id, file_lines.c.model.is_not(None)).limit(1)
-        ).scalar() or ""
+            errs.append(
+                {
+                    "code": "too_many_tasks",
+                    "line": None,
+                    "param": None,
+                    "message": f"the file has {f.line_count} requests; the limit is {max_requests}",
+                }
+            )
+        model = (
+            conn.execute(
+                select(file_lines.c.model)
+                .where(file_lines.c.file_id == input_file_id, file_lines.c.model.is_not(None))
+                .limit(1)
+            ).scalar()
+            or ""
+        )
         status = B_FAILED if errs else IN_PROGRESS
-        conn.execute(insert(batches).values(
-            id=batch_id, owner=owner, kind="batch", endpoint=endpoint, model=model,
-            status=status, priority=BULK, input_file_id=input_file_id,
-            completion_window=completion_window,
-            metadata_json=json.dumps(metadata) if metadata else None,
-            errors_json=json.dumps(errs[:MAX_LISTED_ERRORS]) if errs else None,
-            webhook_url=webhook_url, created_at=now, expires_at=now + window,
-            in_progress_at=None if errs else now, failed_at=now if errs else None,
-            total=0 if errs else f.line_count))
+        conn.execute(
+            insert(batches).values(
+                id=batch_id,
+                owner=owner,
+                kind="batch",
+                endpoint=endpoint,
+                model=model,
+                status=status,
+                priority=BULK,
+                input_file_id=input_file_id,
+                completion_window=completion_window,
+                metadata_json=json.dumps(metadata) if metadata else None,
+                errors_json=json.dumps(errs[:MAX_LISTED_ERRORS]) if errs else None,
+                webhook_url=webhook_url,
+                created_at=now,
+                expires_at=now + window,
+                in_progress_at=None if errs else now,
+                failed_at=now if errs else None,
+                total=0 if errs else f.line_count,
+            )
+        )
         if errs:
             return Created(batch_id, status, model, BULK, [])
         fl = file_lines.c
-        conn.execute(insert(requests).from_select(
-            ["batch_id", "file_id", "line_no", "custom_id", "model", "endpoint", "priority",
-             "status", "attempts", "queued_at", "prompt_tokens", "completion_tokens"],
-            select(literal(batch_id), fl.file_id, fl.line_no, fl.custom_id, fl.model, fl.url,
-                   literal(BULK), literal(QUEUED), literal(0), literal(clock()), literal(0),
-                   literal(0))
-            .where(fl.file_id == input_file_id).order_by(fl.line_no)))
-        ids = conn.execute(select(requests.c.id).where(requests.c.batch_id == batch_id)
-                           .order_by(requests.c.id)).scalars().all()
+        conn.execute(
+            insert(requests).from_select(
+                [
+                    "batch_id",
+                    "file_id",
+                    "line_no",
+                    "custom_id",
+                    "model",
+                    "endpoint",
+                    "priority",
+                    "status",
+                    "attempts",
+                    "queued_at",
+                    "prompt_tokens",
+                    "completion_tokens",
+                ],
+                select(
+                    literal(batch_id),
+                    fl.file_id,
+                    fl.line_no,
+                    fl.custom_id,
+                    fl.model,
+                    fl.url,
+                    literal(BULK),
+                    literal(QUEUED),
+                    literal(0),
+                    literal(clock()),
+                    literal(0),
+                    literal(0),
+                )
+                .where(fl.file_id == input_file_id)
+                .order_by(fl.line_no),
+            )
+        )
+        ids = (
+            conn.execute(
+                select(requests.c.id).where(requests.c.batch_id == batch_id).order_by(requests.c.id)
+            )
+            .scalars()
+            .all()
+        )
     return Created(batch_id, status, model, BULK, list(ids))
 
 
-def create_job(db: Database, *, owner: str, endpoint: str, model: str,
-               body: dict[str, Any], webhook_url: str | None = None,
-               window_s: int = 86400) -> Created:
+def create_job(
+    db: Database,
+    *,
+    owner: str,
+    endpoint: str,
+    model: str,
+    body: dict[str, Any],
+    webhook_url: str | None = None,
+    window_s: int = 86400,
+) -> Created:
     """A single job: a batch of one request, interactive priority."""
     job_id = new_job_id()
     now = unix()
     with db.write() as conn:
-        conn.execute(insert(batches).values(
-            id=job_id, owner=owner, kind="job", endpoint=endpoint, model=model,
-            status=IN_PROGRESS, priority=INTERACTIVE, completion_window="24h",
-            webhook_url=webhook_url, created_at=now, in_progress_at=now,
-            expires_at=now + window_s, total=1))
-        rid = conn.execute(insert(requests).values(
-            batch_id=job_id, custom_id=job_id, body=json.dumps(body), model=model,
-            endpoint=endpoint, priority=INTERACTIVE, status=QUEUED, attempts=0,
-            queued_at=clock(), prompt_tokens=0, completion_tokens=0)
-            .returning(requests.c.id)).scalar_one()
+        conn.execute(
+            insert(batches).values(
+                id=job_id,
+                owner=owner,
+                kind="job",
+                endpoint=endpoint,
+                model=model,
+                status=IN_PROGRESS,
+                priority=INTERACTIVE,
+                completion_window="24h",
+                webhook_url=webhook_url,
+                created_at=now,
+                in_progress_at=now,
+                expires_at=now + window_s,
+                total=1,
+            )
+        )
+        rid = conn.execute(
+            insert(requests)
+            .values(
+                batch_id=job_id,
+                custom_id=job_id,
+                body=json.dumps(body),
+                model=model,
+                endpoint=endpoint,
+                priority=INTERACTIVE,
+                status=QUEUED,
+                attempts=0,
+                queued_at=clock(),
+                prompt_tokens=0,
+                completion_tokens=0,
+            )
+            .returning(requests.c.id)
+        ).scalar_one()
     return Created(job_id, IN_PROGRESS, model, INTERACTIVE, [rid])
 
 
 def get_batch(db: Database, batch_id: str, owner: str, kind: str = "batch") -> RowMapping:
     """One batch (or job) row; NotFound if missing or someone else's."""
     with db.read() as conn:
-        row = conn.execute(select(batches).where(
-            batches.c.id == batch_id, batches.c.owner == owner, batches.c.kind == kind)
-        ).mappings().one_or_none()
+        row = (
+            conn.execute(
+                select(batches).where(
+                    batches.c.id == batch_id, batches.c.owner == owner, batches.c.kind == kind
+                )
+            )
+            .mappings()
+            .one_or_none()
+        )
     if row is None:
         raise NotFound(kind, batch_id)
     return row
@@ -186,12 +335,15 @@ def list_batches(db: Database, owner: str, after: str | None, limit: int) -> lis
     q = select(batches).where(batches.c.owner == owner, batches.c.kind == "batch")
     if after:
         with db.read() as conn:
-            cursor = conn.execute(select(batches.c.created_at).where(
-                batches.c.id == after, batches.c.owner == owner)).scalar()
+            cursor = conn.execute(
+                select(batches.c.created_at).where(batches.c.id == after, batches.c.owner == owner)
+            ).scalar()
         if cursor is None:
             raise InvalidInput(f"no batch with id {after!r}", param="after")
-        q = q.where((batches.c.created_at < cursor)
-                    | ((batches.c.created_at == cursor) & (batches.c.id < after)))
+        q = q.where(
+            (batches.c.created_at < cursor)
+            | ((batches.c.created_at == cursor) & (batches.c.id < after))
+        )
     q = q.order_by(batches.c.created_at.desc(), batches.c.id.desc()).limit(limit + 1)
     with db.read() as conn:
         return list(conn.execute(q).mappings().all())
@@ -203,8 +355,10 @@ def cancel_batch(db: Database, batch_id: str, owner: str, kind: str = "batch") -
     Returns True when workers must be told to abort running requests.
     """
     with db.write() as conn:
-        row = conn.execute(select(batches.c.status).where(
-            batches.c.id == batch_id, batches.c.owner == owner, batches.c.kind == kind)
+        row = conn.execute(
+            select(batches.c.status).where(
+                batches.c.id == batch_id, batches.c.owner == owner, batches.c.kind == kind
+            )
         ).one_or_none()
         if row is None:
             raise NotFound(kind, batch_id)
@@ -212,20 +366,30 @@ def cancel_batch(db: Database, batch_id: str, owner: str, kind: str = "batch") -
             return False
         if row.status not in (VALIDATING, IN_PROGRESS):
             raise Conflict(f"{kind} {batch_id} is {row.status} and cannot be cancelled")
-        conn.execute(update(batches).where(batches.c.id == batch_id)
-                     .values(status=CANCELLING, cancelling_at=unix()))
-        dropped = conn.execute(
-            update(requests).where(requests.c.batch_id == batch_id,
-                                   requests.c.status == QUEUED)
-            .values(status=CANCELLED, error_code="batch_cancelled",
+        conn.execute(
+            update(batches)
+            .where(batches.c.id == batch_id)
+            .values(status=CANCELLING, cancelling_at=unix())
+        )
+        dropped = (
+            conn.execute(
+                update(requests)
+                .where(requests.c.batch_id == batch_id, requests.c.status == QUEUED)
+                .values(
+                    status=CANCELLED,
+                    error_code="batch_cancelled",
                     error_message="the batch was cancelled before this request ran",
-                    finished_at=clock())
-            .returning(requests.c.id)).scalars().all()
+                    finished_at=clock(),
+                )
+                .returning(requests.c.id)
+            )
+            .scalars()
+            .all()
+        )
         finished = account(conn, tally(Outcome(batch_id, CANCELLED) for _ in dropped))
         if not finished:
             # Nothing was queued and nothing counted: an empty batch ends at once.
-            total = conn.execute(select(batches.c.total).where(batches.c.id == batch_id)
-                                 ).scalar()
+            total = conn.execute(select(batches.c.total).where(batches.c.id == batch_id)).scalar()
             if total == 0:
                 finalize(conn, batch_id, B_CANCELLED)
                 finished = [batch_id]

@@ -63,9 +63,17 @@ class LineSplitter:
 
 def _error(line_no: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
     # Bad lines keep no text: it may hold bytes (NUL) that PostgreSQL cannot store.
-    return {"line_no": line_no, "custom_id": None, "method": None, "url": None, "model": None,
-            "raw": None, "error_code": code, "error_message": f"line {line_no}: {message}",
-            "error_param": param}
+    return {
+        "line_no": line_no,
+        "custom_id": None,
+        "method": None,
+        "url": None,
+        "model": None,
+        "raw": None,
+        "error_code": code,
+        "error_message": f"line {line_no}: {message}",
+        "error_param": param,
+    }
 
 
 def parse_line(line_no: int, raw: bytes | None, max_line_bytes: int) -> dict[str, Any]:
@@ -86,27 +94,36 @@ def parse_line(line_no: int, raw: bytes | None, max_line_bytes: int) -> dict[str
         return _error(line_no, "invalid_json_line", "must be a JSON object")
     for name in ("custom_id", "method", "url", "body"):
         if obj.get(name) in (None, ""):
-            return _error(line_no, "missing_required_parameter", f"{name} is required",
-                          name)
+            return _error(line_no, "missing_required_parameter", f"{name} is required", name)
     custom_id, method, url = obj["custom_id"], obj["method"], obj["url"]
     if not isinstance(custom_id, str) or len(custom_id) > 512:
-        return _error(line_no, "invalid_value", "custom_id must be a string of up to 512 "
-                      "characters", "custom_id")
+        return _error(
+            line_no,
+            "invalid_value",
+            "custom_id must be a string of up to 512 characters",
+            "custom_id",
+        )
     if method != "POST":
         return _error(line_no, "invalid_method", "method must be POST", "method")
     if url not in ENDPOINTS:
-        return _error(line_no, "invalid_url", f"url must be one of {', '.join(ENDPOINTS)}",
-                      "url")
+        return _error(line_no, "invalid_url", f"url must be one of {', '.join(ENDPOINTS)}", "url")
     try:
         parsed = parse_body(url, obj["body"])
     except InvalidInput as exc:
         return _error(line_no, exc.code, exc.message, f"body.{exc.param or ''}".rstrip("."))
     if not parsed.model:
-        return _error(line_no, "missing_required_parameter", "body.model is required",
-                      "body.model")
-    return {"line_no": line_no, "custom_id": custom_id, "method": method, "url": url,
-            "model": parsed.model, "raw": text, "error_code": None, "error_message": None,
-            "error_param": None}
+        return _error(line_no, "missing_required_parameter", "body.model is required", "body.model")
+    return {
+        "line_no": line_no,
+        "custom_id": custom_id,
+        "method": method,
+        "url": url,
+        "model": parsed.model,
+        "raw": text,
+        "error_code": None,
+        "error_message": None,
+        "error_param": None,
+    }
 
 
 @dataclass
@@ -122,8 +139,16 @@ class StoredFile:
 class FileIngest:
     """Receives an upload chunk by chunk and writes its lines in one transaction."""
 
-    def __init__(self, db: Database, filename: str, purpose: str, owner: str,
-                 max_bytes: int, max_line_bytes: int, ttl_days: int) -> None:
+    def __init__(
+        self,
+        db: Database,
+        filename: str,
+        purpose: str,
+        owner: str,
+        max_bytes: int,
+        max_line_bytes: int,
+        ttl_days: int,
+    ) -> None:
         self.db = db
         self.id = new_file_id()
         self.filename = filename
@@ -143,10 +168,19 @@ class FileIngest:
         self._ctx = self.db.write()
         self._conn = self._ctx.__enter__()
         now = unix()
-        self._conn.execute(insert(files).values(
-            id=self.id, owner=self.owner, purpose=self.purpose, filename=self.filename,
-            bytes=0, line_count=0, bad_lines=0, created_at=now,
-            expires_at=now + self.ttl_days * 86400))
+        self._conn.execute(
+            insert(files).values(
+                id=self.id,
+                owner=self.owner,
+                purpose=self.purpose,
+                filename=self.filename,
+                bytes=0,
+                line_count=0,
+                bad_lines=0,
+                created_at=now,
+                expires_at=now + self.ttl_days * 86400,
+            )
+        )
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -168,8 +202,11 @@ class FileIngest:
         self._flush()
         assert self._conn is not None
         lines = self._splitter.line_no
-        self._conn.execute(update(files).where(files.c.id == self.id).values(
-            bytes=self.bytes, line_count=lines, bad_lines=self.bad_lines))
+        self._conn.execute(
+            update(files)
+            .where(files.c.id == self.id)
+            .values(bytes=self.bytes, line_count=lines, bad_lines=self.bad_lines)
+        )
         return StoredFile(self.id, self.bytes, lines, self.bad_lines)
 
     def _add(self, line_no: int, raw: bytes | None) -> None:
@@ -192,8 +229,18 @@ class FileIngest:
             self._conn.execute(insert(file_lines), rows)
 
 
-_COPY_COLUMNS = ("file_id", "line_no", "custom_id", "method", "url", "model", "raw",
-                 "error_code", "error_message", "error_param")
+_COPY_COLUMNS = (
+    "file_id",
+    "line_no",
+    "custom_id",
+    "method",
+    "url",
+    "model",
+    "raw",
+    "error_code",
+    "error_message",
+    "error_param",
+)
 
 
 def _copy_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:

@@ -68,14 +68,22 @@ def account(conn: Connection, tallies: dict[str, Tally]) -> list[str]:
     for batch_id in sorted(tallies):
         t = tallies[batch_id]
         row = conn.execute(
-            update(batches).where(batches.c.id == batch_id).values(
+            update(batches)
+            .where(batches.c.id == batch_id)
+            .values(
                 completed=batches.c.completed + t.completed,
                 failed=batches.c.failed + t.failed,
                 dropped=batches.c.dropped + t.dropped,
                 input_tokens=batches.c.input_tokens + t.input_tokens,
                 output_tokens=batches.c.output_tokens + t.output_tokens,
-            ).returning(batches.c.total, batches.c.completed, batches.c.failed,
-                        batches.c.dropped, batches.c.status)
+            )
+            .returning(
+                batches.c.total,
+                batches.c.completed,
+                batches.c.failed,
+                batches.c.dropped,
+                batches.c.status,
+            )
         ).one_or_none()
         if row is None:
             continue
@@ -88,9 +96,16 @@ def account(conn: Connection, tallies: dict[str, Tally]) -> list[str]:
 
 def finalize(conn: Connection, batch_id: str, status: str) -> None:
     """Move a batch to its end status and register its output and error files."""
-    b = conn.execute(select(batches.c.owner, batches.c.completed, batches.c.failed,
-                            batches.c.dropped, batches.c.total, batches.c.kind)
-                     .where(batches.c.id == batch_id)).one()
+    b = conn.execute(
+        select(
+            batches.c.owner,
+            batches.c.completed,
+            batches.c.failed,
+            batches.c.dropped,
+            batches.c.total,
+            batches.c.kind,
+        ).where(batches.c.id == batch_id)
+    ).one()
     now = unix()
     values: dict[str, object] = {"status": status}
     if status == COMPLETED:
@@ -111,8 +126,18 @@ def finalize(conn: Connection, batch_id: str, status: str) -> None:
 def _result_file(conn: Connection, batch_id: str, owner: str, purpose: str, now: int) -> str:
     file_id = new_file_id()
     suffix = "output" if purpose == "batch_output" else "error"
-    conn.execute(insert(files).values(
-        id=file_id, owner=owner, purpose=purpose, filename=f"{batch_id}_{suffix}.jsonl",
-        bytes=None, line_count=0, bad_lines=0, batch_id=batch_id, created_at=now,
-        expires_at=now + 30 * 86400))
+    conn.execute(
+        insert(files).values(
+            id=file_id,
+            owner=owner,
+            purpose=purpose,
+            filename=f"{batch_id}_{suffix}.jsonl",
+            bytes=None,
+            line_count=0,
+            bad_lines=0,
+            batch_id=batch_id,
+            created_at=now,
+            expires_at=now + 30 * 86400,
+        )
+    )
     return file_id

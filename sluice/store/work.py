@@ -62,27 +62,57 @@ def claim(db: Database, ids: Sequence[int], owner: str, lease_seconds: float) ->
     with db.write() as conn:
         # status='queued' in the WHERE is the whole guard: a duplicate message or a second
         # worker finds nothing left to claim (PostgreSQL rechecks it after the row lock).
-        got = conn.execute(
-            update(requests)
-            .where(requests.c.id.in_(list(ids)), requests.c.status == QUEUED)
-            .values(status=RUNNING, lease_owner=owner, lease_expires_at=now + lease_seconds,
-                    attempts=requests.c.attempts + 1, started_at=now)
-            .returning(requests.c.id)
-        ).scalars().all()
+        got = (
+            conn.execute(
+                update(requests)
+                .where(requests.c.id.in_(list(ids)), requests.c.status == QUEUED)
+                .values(
+                    status=RUNNING,
+                    lease_owner=owner,
+                    lease_expires_at=now + lease_seconds,
+                    attempts=requests.c.attempts + 1,
+                    started_at=now,
+                )
+                .returning(requests.c.id)
+            )
+            .scalars()
+            .all()
+        )
         if not got:
             return []
         rows = conn.execute(
-            select(requests.c.id, requests.c.batch_id, requests.c.endpoint,
-                   requests.c.priority, requests.c.attempts, requests.c.body,
-                   file_lines.c.raw)
-            .select_from(requests.outerjoin(file_lines, and_(
-                file_lines.c.file_id == requests.c.file_id,
-                file_lines.c.line_no == requests.c.line_no)))
+            select(
+                requests.c.id,
+                requests.c.batch_id,
+                requests.c.endpoint,
+                requests.c.priority,
+                requests.c.attempts,
+                requests.c.body,
+                file_lines.c.raw,
+            )
+            .select_from(
+                requests.outerjoin(
+                    file_lines,
+                    and_(
+                        file_lines.c.file_id == requests.c.file_id,
+                        file_lines.c.line_no == requests.c.line_no,
+                    ),
+                )
+            )
             .where(requests.c.id.in_(got))
         ).all()
-    return [Claimed(r.id, r.batch_id, r.endpoint, r.priority, r.attempts,
-                    r.body if r.body is not None else (r.raw or ""), r.body is None)
-            for r in rows]
+    return [
+        Claimed(
+            r.id,
+            r.batch_id,
+            r.endpoint,
+            r.priority,
+            r.attempts,
+            r.body if r.body is not None else (r.raw or ""),
+            r.body is None,
+        )
+        for r in rows
+    ]
 
 
 _PG_WRITE = text("""
@@ -102,8 +132,16 @@ FROM (SELECT unnest(CAST(:ids AS bigint[])) AS id, unnest(CAST(:status AS text[]
 WHERE r.id = v.id
 """)
 
-_FIELDS = ("status", "output_text", "finish_reason", "error_code", "error_message",
-           "prompt_tokens", "completion_tokens", "finished_at")
+_FIELDS = (
+    "status",
+    "output_text",
+    "finish_reason",
+    "error_code",
+    "error_message",
+    "prompt_tokens",
+    "completion_tokens",
+    "finished_at",
+)
 
 
 def write_results(db: Database, owner: str, results: Sequence[Result]) -> list[str]:
@@ -114,9 +152,11 @@ def write_results(db: Database, owner: str, results: Sequence[Result]) -> list[s
     if not results:
         return []
     with db.write() as conn:
-        held_q = (select(requests.c.id, requests.c.batch_id)
-                  .where(requests.c.id.in_([r.id for r in results]),
-                         requests.c.lease_owner == owner, requests.c.status == RUNNING))
+        held_q = select(requests.c.id, requests.c.batch_id).where(
+            requests.c.id.in_([r.id for r in results]),
+            requests.c.lease_owner == owner,
+            requests.c.status == RUNNING,
+        )
         if db.is_postgres:
             held_q = held_q.with_for_update()
         held = dict(conn.execute(held_q).tuples().all())
@@ -130,17 +170,22 @@ def write_results(db: Database, owner: str, results: Sequence[Result]) -> list[s
             conn.execute(_PG_WRITE, params)
         else:
             conn.execute(
-                update(requests).where(requests.c.id == bindparam("rid")).values(
-                    **{f: bindparam(f) for f in _FIELDS},
-                    lease_owner=None, lease_expires_at=None),
-                [{"rid": r.id, **{f: getattr(r, f) for f in _FIELDS}} for r in mine])
-        outcomes = [Outcome(held[r.id], r.status, r.prompt_tokens, r.completion_tokens)
-                    for r in mine]
+                update(requests)
+                .where(requests.c.id == bindparam("rid"))
+                .values(
+                    **{f: bindparam(f) for f in _FIELDS}, lease_owner=None, lease_expires_at=None
+                ),
+                [{"rid": r.id, **{f: getattr(r, f) for f in _FIELDS}} for r in mine],
+            )
+        outcomes = [
+            Outcome(held[r.id], r.status, r.prompt_tokens, r.completion_tokens) for r in mine
+        ]
         return account(conn, tally(outcomes))
 
 
-def requeue_expired_leases(db: Database, max_attempts: int) -> tuple[list[tuple[int, str, int]],
-                                                                       list[str]]:
+def requeue_expired_leases(
+    db: Database, max_attempts: int
+) -> tuple[list[tuple[int, str, int]], list[str]]:
     """Give rows whose lease ran out back to the queue (or fail them after max attempts).
 
     Returns (requeued (id, model, priority), finished batch ids).
@@ -149,44 +194,81 @@ def requeue_expired_leases(db: Database, max_attempts: int) -> tuple[list[tuple[
     with db.write() as conn:
         expired = and_(requests.c.status == RUNNING, requests.c.lease_expires_at < now)
         cancelling = select(batches.c.id).where(batches.c.status == CANCELLING)
-        dropped = conn.execute(
-            update(requests).where(expired, requests.c.batch_id.in_(cancelling))
-            .values(status=CANCELLED, error_code="batch_cancelled",
-                    error_message="the batch was cancelled", finished_at=now,
-                    lease_owner=None, lease_expires_at=None)
-            .returning(requests.c.batch_id)).scalars().all()
-        poisoned = conn.execute(
-            update(requests).where(expired, requests.c.attempts >= max_attempts)
-            .values(status=FAILED, error_code="max_attempts_exceeded",
+        dropped = (
+            conn.execute(
+                update(requests)
+                .where(expired, requests.c.batch_id.in_(cancelling))
+                .values(
+                    status=CANCELLED,
+                    error_code="batch_cancelled",
+                    error_message="the batch was cancelled",
+                    finished_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+                .returning(requests.c.batch_id)
+            )
+            .scalars()
+            .all()
+        )
+        poisoned = (
+            conn.execute(
+                update(requests)
+                .where(expired, requests.c.attempts >= max_attempts)
+                .values(
+                    status=FAILED,
+                    error_code="max_attempts_exceeded",
                     error_message=f"the request was started {max_attempts} times and its "
-                                  "worker never finished it", finished_at=now,
-                    lease_owner=None, lease_expires_at=None)
-            .returning(requests.c.batch_id)).scalars().all()
-        requeued = conn.execute(
-            update(requests).where(expired)
-            .values(status=QUEUED, lease_owner=None, lease_expires_at=None, queued_at=now)
-            .returning(requests.c.id, requests.c.model, requests.c.priority)).tuples().all()
+                    "worker never finished it",
+                    finished_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+                .returning(requests.c.batch_id)
+            )
+            .scalars()
+            .all()
+        )
+        requeued = (
+            conn.execute(
+                update(requests)
+                .where(expired)
+                .values(status=QUEUED, lease_owner=None, lease_expires_at=None, queued_at=now)
+                .returning(requests.c.id, requests.c.model, requests.c.priority)
+            )
+            .tuples()
+            .all()
+        )
         outcomes = [Outcome(b, CANCELLED) for b in dropped]
         outcomes += [Outcome(b, FAILED) for b in poisoned]
         finished = account(conn, tally(outcomes)) if outcomes else []
     return list(requeued), finished
 
 
-def stale_queued(db: Database, older_than: float, limit: int = 100_000
-                 ) -> list[tuple[int, str, int]]:
+def stale_queued(
+    db: Database, older_than: float, limit: int = 100_000
+) -> list[tuple[int, str, int]]:
     """Queued rows whose message may be lost; their clock restarts so each is sent once."""
     now = clock()
     with db.write() as conn:
-        rows = conn.execute(
-            select(requests.c.id, requests.c.model, requests.c.priority)
-            .where(requests.c.status == QUEUED, requests.c.queued_at < now - older_than)
-            .order_by(requests.c.id).limit(limit)).tuples().all()
+        rows = (
+            conn.execute(
+                select(requests.c.id, requests.c.model, requests.c.priority)
+                .where(requests.c.status == QUEUED, requests.c.queued_at < now - older_than)
+                .order_by(requests.c.id)
+                .limit(limit)
+            )
+            .tuples()
+            .all()
+        )
         if rows:
             ids = [r[0] for r in rows]
             for start in range(0, len(ids), 10_000):
-                conn.execute(update(requests)
-                             .where(requests.c.id.in_(ids[start:start + 10_000]))
-                             .values(queued_at=now))
+                conn.execute(
+                    update(requests)
+                    .where(requests.c.id.in_(ids[start : start + 10_000]))
+                    .values(queued_at=now)
+                )
     return list(rows)
 
 
@@ -195,21 +277,36 @@ def expire_batches(db: Database) -> list[str]:
     now = unix()
     done = []
     with db.write() as conn:
-        due = conn.execute(select(batches.c.id).where(
-            batches.c.status == IN_PROGRESS, batches.c.expires_at.is_not(None),
-            batches.c.expires_at <= now)).scalars().all()
+        due = (
+            conn.execute(
+                select(batches.c.id).where(
+                    batches.c.status == IN_PROGRESS,
+                    batches.c.expires_at.is_not(None),
+                    batches.c.expires_at <= now,
+                )
+            )
+            .scalars()
+            .all()
+        )
         for batch_id in due:
             n = conn.execute(
                 update(requests)
-                .where(requests.c.batch_id == batch_id,
-                       requests.c.status.in_((QUEUED, RUNNING)))
-                .values(status=EXPIRED, error_code="batch_expired",
-                        error_message="This request could not be executed before the "
-                                      "completion window expired.",
-                        finished_at=clock(), lease_owner=None, lease_expires_at=None)
+                .where(requests.c.batch_id == batch_id, requests.c.status.in_((QUEUED, RUNNING)))
+                .values(
+                    status=EXPIRED,
+                    error_code="batch_expired",
+                    error_message="This request could not be executed before the "
+                    "completion window expired.",
+                    finished_at=clock(),
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
             ).rowcount
-            conn.execute(update(batches).where(batches.c.id == batch_id)
-                         .values(dropped=batches.c.dropped + n))
+            conn.execute(
+                update(batches)
+                .where(batches.c.id == batch_id)
+                .values(dropped=batches.c.dropped + n)
+            )
             finalize(conn, batch_id, B_EXPIRED)
             done.append(batch_id)
     return done
@@ -217,18 +314,27 @@ def expire_batches(db: Database) -> list[str]:
 
 def cancelled_among(conn: Connection, ids: Sequence[int]) -> list[int]:
     """Which of these running requests belong to batches being cancelled."""
-    return list(conn.execute(
-        select(requests.c.id).where(
-            requests.c.id.in_(list(ids)),
-            requests.c.batch_id.in_(select(batches.c.id).where(batches.c.status == CANCELLING)))
-    ).scalars().all())
+    return list(
+        conn.execute(
+            select(requests.c.id).where(
+                requests.c.id.in_(list(ids)),
+                requests.c.batch_id.in_(select(batches.c.id).where(batches.c.status == CANCELLING)),
+            )
+        )
+        .scalars()
+        .all()
+    )
 
 
 def renew_leases(db: Database, ids: Sequence[int], owner: str, lease_seconds: float) -> int:
     """Extend this worker's leases on rows still running (long generations, long queues)."""
     with db.write() as conn:
         return conn.execute(
-            update(requests).where(requests.c.id.in_(list(ids)),
-                                   requests.c.lease_owner == owner,
-                                   requests.c.status == RUNNING)
-            .values(lease_expires_at=clock() + lease_seconds)).rowcount
+            update(requests)
+            .where(
+                requests.c.id.in_(list(ids)),
+                requests.c.lease_owner == owner,
+                requests.c.status == RUNNING,
+            )
+            .values(lease_expires_at=clock() + lease_seconds)
+        ).rowcount

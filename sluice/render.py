@@ -1,0 +1,248 @@
+"""OpenAI wire shapes: File, Batch and job objects, and batch output/error lines, streamed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+from sluice.db import Database
+from sluice.models import CANCELLED, EXPIRED, FAILED, SUCCEEDED, TERMINAL_REQUEST
+from sluice.sampling import CHAT
+from sluice.store.files import PAGE, input_line_pages, record_bytes, request_pages
+
+Row = Mapping[Any, Any]
+
+ERROR_STATUSES = (FAILED, CANCELLED, EXPIRED)
+# Failures that are the service's fault rather than the request's.
+SERVER_ERROR_CODES = frozenset({"max_attempts_exceeded", "engine_error", "internal_error"})
+DROPPED_MESSAGES = {
+    CANCELLED: "The batch was cancelled before this request ran.",
+    EXPIRED: "This request could not be executed before the completion window expired.",
+}
+
+
+def dumps(obj: Any) -> bytes:
+    """One compact JSON line (UTF-8, no trailing newline)."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    # An engine may emit a lone surrogate; never let one line break the whole download.
+    return text.encode("utf-8", "replace")
+
+
+def file_object(row: Row) -> dict[str, Any]:
+    """OpenAI's File object (bytes must already be known)."""
+    return {
+        "id": row["id"],
+        "object": "file",
+        "bytes": int(row["bytes"] or 0),
+        "created_at": row["created_at"],
+        "filename": row["filename"],
+        "purpose": row["purpose"],
+        "expires_at": row["expires_at"],
+        "status": "processed",
+        "status_details": None,
+    }
+
+
+def batch_object(row: Row) -> dict[str, Any]:
+    """OpenAI's Batch object, every field."""
+    errors = json.loads(row["errors_json"]) if row["errors_json"] else None
+    input_tokens, output_tokens = int(row["input_tokens"]), int(row["output_tokens"])
+    return {
+        "id": row["id"],
+        "object": "batch",
+        "endpoint": row["endpoint"],
+        "model": row["model"] or None,
+        "errors": {"object": "list", "data": errors} if errors else None,
+        "input_file_id": row["input_file_id"],
+        "completion_window": row["completion_window"],
+        "status": row["status"],
+        "output_file_id": row["output_file_id"],
+        "error_file_id": row["error_file_id"],
+        "created_at": row["created_at"],
+        "in_progress_at": row["in_progress_at"],
+        "expires_at": row["expires_at"],
+        "finalizing_at": row["finalizing_at"],
+        "completed_at": row["completed_at"],
+        "failed_at": row["failed_at"],
+        "expired_at": row["expired_at"],
+        "cancelling_at": row["cancelling_at"],
+        "cancelled_at": row["cancelled_at"],
+        "request_counts": {
+            "total": row["total"],
+            "completed": row["completed"],
+            "failed": row["failed"],
+        },
+        "usage": {
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "total_tokens": input_tokens + output_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 0},
+        },
+        "metadata": json.loads(row["metadata_json"]) if row["metadata_json"] else None,
+    }
+
+
+def _usage(req: Row) -> dict[str, int]:
+    prompt, completion = int(req["prompt_tokens"] or 0), int(req["completion_tokens"] or 0)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def completion_body(req: Row) -> dict[str, Any]:
+    """The chat.completion or text_completion object of a succeeded request."""
+    created = int(req["finished_at"] or 0)
+    text = req["output_text"] or ""
+    if req["endpoint"] == CHAT:
+        return {
+            "id": f"chatcmpl-{req['id']}",
+            "object": "chat.completion",
+            "created": created,
+            "model": req["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "finish_reason": req["finish_reason"],
+                    "logprobs": None,
+                }
+            ],
+            "usage": _usage(req),
+            "system_fingerprint": None,
+        }
+    return {
+        "id": f"cmpl-{req['id']}",
+        "object": "text_completion",
+        "created": created,
+        "model": req["model"],
+        "choices": [
+            {
+                "index": 0,
+                "text": text,
+                "finish_reason": req["finish_reason"],
+                "logprobs": None,
+            }
+        ],
+        "usage": _usage(req),
+    }
+
+
+def result_line(req: Row) -> dict[str, Any]:
+    """A finished request as one line of a batch output or error file."""
+    line: dict[str, Any] = {"id": f"batch_req_{req['id']}", "custom_id": req["custom_id"]}
+    status = req["status"]
+    if status == SUCCEEDED:
+        line["response"] = {
+            "status_code": 200,
+            "request_id": f"req_{req['id']}",
+            "body": completion_body(req),
+        }
+        line["error"] = None
+    elif status == FAILED:
+        code = req["error_code"] or "request_failed"
+        server = code in SERVER_ERROR_CODES
+        line["response"] = {
+            "status_code": 500 if server else 400,
+            "request_id": f"req_{req['id']}",
+            "body": {
+                "error": {
+                    "message": req["error_message"] or "the request failed",
+                    "type": "server_error" if server else "invalid_request_error",
+                    "param": None,
+                    "code": code,
+                }
+            },
+        }
+        line["error"] = None
+    else:
+        default = "batch_cancelled" if status == CANCELLED else "batch_expired"
+        line["response"] = None
+        line["error"] = {
+            "code": req["error_code"] or default,
+            "message": req["error_message"] or DROPPED_MESSAGES.get(status, "not run"),
+        }
+    return line
+
+
+def _line_chunks(pages: Iterable[Sequence[Row]]) -> Iterator[bytes]:
+    # One chunk per page: few thread hops for a streamed response, bounded memory.
+    for page in pages:
+        yield b"".join(dumps(result_line(r)) + b"\n" for r in page)
+
+
+def output_chunks(db: Database, batch_id: str, purpose: str, page: int = PAGE) -> Iterator[bytes]:
+    """A batch's output file (succeeded requests) or error file (the rest), by line number."""
+    statuses = (SUCCEEDED,) if purpose == "batch_output" else ERROR_STATUSES
+    return _line_chunks(request_pages(db, batch_id, statuses, page=page))
+
+
+def results_chunks(
+    db: Database, batch_id: str, after_line: int | None = None, page: int = PAGE
+) -> Iterator[bytes]:
+    """Every request of a batch finished so far, in output line format, by line number."""
+    return _line_chunks(request_pages(db, batch_id, TERMINAL_REQUEST, after_line, page))
+
+
+def input_chunks(db: Database, file_id: str, page: int = PAGE) -> Iterator[bytes]:
+    """An uploaded file's lines, each ending in a newline; a line kept without text is empty."""
+    for lines in input_line_pages(db, file_id, page):
+        yield b"".join((raw or "").encode("utf-8") + b"\n" for raw in lines)
+
+
+def file_chunks(db: Database, file: Row, page: int = PAGE) -> Iterator[bytes]:
+    """A file's content, whatever its purpose."""
+    if file["purpose"] in ("batch_output", "batch_error") and file["batch_id"]:
+        return output_chunks(db, file["batch_id"], file["purpose"], page)
+    return input_chunks(db, file["id"], page)
+
+
+def measured_bytes(db: Database, file: Row) -> int:
+    """A file's size; a rendered file is measured once by rendering it, then remembered."""
+    if file["bytes"] is not None:
+        return int(file["bytes"])
+    size = sum(len(chunk) for chunk in file_chunks(db, file))
+    record_bytes(db, file["id"], size)
+    return size
+
+
+def job_object(batch: Row, req: Row | None) -> dict[str, Any]:
+    """A single job: its request's status, output, usage, error and timings."""
+    status = req["status"] if req is not None else "queued"
+    queued = req["queued_at"] if req is not None else None
+    started = req["started_at"] if req is not None else None
+    finished = req["finished_at"] if req is not None else None
+    error = None
+    if req is not None and status in ERROR_STATUSES:
+        error = {
+            "code": req["error_code"],
+            "message": req["error_message"] or DROPPED_MESSAGES.get(status, "the job failed"),
+        }
+    return {
+        "id": batch["id"],
+        "object": "job",
+        "status": status,
+        "model": batch["model"],
+        "endpoint": batch["endpoint"],
+        "output": req["output_text"] if req is not None else None,
+        "finish_reason": req["finish_reason"] if req is not None else None,
+        "usage": _usage(req) if req is not None and status in (SUCCEEDED, FAILED) else None,
+        "error": error,
+        "created_at": batch["created_at"],
+        "timings": {
+            "queued_at": queued,
+            "started_at": started,
+            "finished_at": finished,
+            "queue_seconds": _delta(queued, started),
+            "run_seconds": _delta(started, finished),
+        },
+    }
+
+
+def _delta(start: float | None, end: float | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return round(max(0.0, end - start), 6)

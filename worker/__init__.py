@@ -1,0 +1,1 @@
+"""The Sluice worker: Celery task, runner, engines, reconciler."""
