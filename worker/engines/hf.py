@@ -1,0 +1,209 @@
+"""Transformers engine: batched generate() on CPU or GPU (static batches; fine for small work)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sluice.config import Settings
+from sluice.errors import ConfigError
+from worker.engines.base import Engine, GenRequest, GenResult, Sampling
+from worker.engines.meter import OccupancyMeter
+from worker.engines.text import WaitQueue, apply_stop, context_error
+
+_DTYPES = {
+    "half": torch.float16,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float": torch.float32,
+    "float32": torch.float32,
+}
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype | str:
+    if device.type == "cpu":
+        return torch.float32  # half precision on CPU is slow or unsupported
+    if name == "auto":
+        return "auto"  # what the checkpoint's config says
+    if name not in _DTYPES:
+        raise ConfigError(f"SLUICE_DTYPE: {name!r} is not one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+class HFEngine(Engine):
+    """Runs one generate() per step over up to `slots` waiting requests with equal sampling."""
+
+    name = "hf"
+
+    def __init__(self, settings: Settings) -> None:
+        self.device = _device(settings.device)
+        # local_files_only: the worker never downloads; models are prepared ahead.
+        self.tokenizer = AutoTokenizer.from_pretrained(settings.model, local_files_only=True)
+        # from_pretrained returns the model in eval mode (no dropout).
+        self.model = AutoModelForCausalLM.from_pretrained(
+            settings.model, local_files_only=True, dtype=_dtype(settings.dtype, self.device)
+        )
+        # transformers' decorator on to() hides its real signature from mypy.
+        self.model.to(self.device)  # type: ignore[arg-type]
+        self._eos_ids = self._eos_token_ids()
+        pad_id = self.tokenizer.pad_token_id
+        self._pad_id: int = self._eos_ids[0] if pad_id is None else int(pad_id)
+        model_max = getattr(self.model.config, "max_position_embeddings", None)
+        self._max_model_len = min(settings.max_model_len, int(model_max or settings.max_model_len))
+        self._slots = settings.max_num_seqs
+        self._waiting: WaitQueue[tuple[GenRequest, list[int]]] = WaitQueue()
+        self._done: list[GenResult] = []  # aborted or rejected, returned by the next step
+        self.meter = OccupancyMeter(self._slots)
+
+    def _eos_token_ids(self) -> list[int]:
+        # Chat models end a turn with a token (e.g. <|eot_id|>) that the generation config
+        # lists next to the tokenizer's eos; generation stops at any of them.
+        ids = self.model.generation_config.eos_token_id
+        found = [ids] if isinstance(ids, int) else list(ids or [])
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in found:
+            found.append(int(self.tokenizer.eos_token_id))
+        if not found:
+            raise ConfigError(f"model {self.model.name_or_path!r} defines no eos token")
+        return [int(i) for i in found]
+
+    @property
+    def slots(self) -> int:
+        """Most requests per generate() call (settings.max_num_seqs)."""
+        return self._slots
+
+    @property
+    def max_model_len(self) -> int:
+        """settings.max_model_len, capped by the model's max_position_embeddings."""
+        return self._max_model_len
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        """The tokenizer's chat template, with the generation prompt."""
+        rendered = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        if not isinstance(rendered, str):
+            raise TypeError(f"chat template returned {type(rendered).__name__}, not text")
+        return rendered
+
+    def _encode(self, text: str) -> list[int]:
+        # A rendered chat prompt already starts with BOS; adding another would skew the model.
+        bos = self.tokenizer.bos_token
+        add_special = not (isinstance(bos, str) and bos and text.startswith(bos))
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special)
+        return [int(i) for i in ids]
+
+    def count_tokens(self, text: str) -> int:
+        """Prompt tokens as this engine will feed them to the model."""
+        return len(self._encode(text))
+
+    def busy_slots(self) -> int:
+        """HF runs nothing between steps."""
+        return 0
+
+    def add(self, request: GenRequest) -> None:
+        """Queue the request, or reject it now if it does not fit the context."""
+        self.meter.mark_add()
+        ids = request.prompt_token_ids
+        if ids is None:
+            ids = self._encode(request.prompt)
+        error = context_error(len(ids), request.sampling.max_tokens, self.max_model_len)
+        if error is not None:
+            self._done.append(GenResult(request.id, "", "error", len(ids), 0, error))
+            return
+        self._waiting.push(request.id, request.priority, (request, ids))
+
+    def abort(self, ids: list[int]) -> None:
+        """Drop waiting requests (a running generate() cannot be interrupted)."""
+        for request_id in ids:
+            found = self._waiting.remove(request_id)
+            if found is not None:
+                self._done.append(GenResult(request_id, "", "abort", len(found[1])))
+
+    def has_unfinished(self) -> bool:
+        """True while anything is queued or awaiting return."""
+        return bool(self._waiting) or bool(self._done)
+
+    def _take_batch(self) -> list[tuple[GenRequest, list[int]]]:
+        # One generate() call takes one set of sampling parameters: the first waiting
+        # request's, plus every later one (in admission order) that shares them.
+        first = self._waiting.peek()
+        if first is None:
+            return []
+        sampling = first[0].sampling
+        batch = [item for item in self._waiting.in_order() if item[0].sampling == sampling][
+            : self._slots
+        ]
+        for request, _ in batch:
+            self._waiting.remove(request.id)
+        return batch
+
+    def step(self) -> list[GenResult]:
+        """Generate for one batch of waiting requests and return them all."""
+        results, self._done = self._done, []
+        batch = self._take_batch()
+        if not batch:
+            return results
+        start = time.monotonic()
+        try:
+            results.extend(self._generate(batch))
+        except Exception as exc:  # one failed batch must not take the worker down
+            message = f"generation failed: {type(exc).__name__}: {exc}"
+            results.extend(GenResult(r.id, "", "error", len(ids), 0, message) for r, ids in batch)
+        tokens = sum(r.completion_tokens for r in results)
+        self.meter.record_step(start, time.monotonic(), len(batch), tokens)
+        return results
+
+    @torch.inference_mode()
+    def _generate(self, batch: list[tuple[GenRequest, list[int]]]) -> list[GenResult]:
+        sampling: Sampling = batch[0][0].sampling
+        width = max(len(ids) for _, ids in batch)
+        # Left padding keeps every prompt's last token in the final column, where
+        # generation continues.
+        input_ids = torch.tensor(
+            [[self._pad_id] * (width - len(ids)) + ids for _, ids in batch], device=self.device
+        )
+        attention_mask = torch.tensor(
+            [[0] * (width - len(ids)) + [1] * len(ids) for _, ids in batch], device=self.device
+        )
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": sampling.max_tokens,
+            "do_sample": sampling.temperature > 0,
+            "eos_token_id": self._eos_ids,
+            # Finished rows are filled with the first eos, so the first eos marks the end.
+            "pad_token_id": self._eos_ids[0],
+        }
+        if sampling.temperature > 0:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=None)
+        if sampling.stop:
+            # Ends a row early once it has produced a stop string (transformers also looks
+            # across the prompt boundary, vLLM only in the output; apply_stop cuts the text).
+            kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        new_tokens = output[:, width:].tolist()
+        results = []
+        for (request, ids), row in zip(batch, new_tokens, strict=True):
+            end = next((i for i, t in enumerate(row) if t in self._eos_ids), None)
+            generated = row if end is None else row[:end]
+            decoded = self.tokenizer.decode(generated, skip_special_tokens=True)
+            text, cut = apply_stop(str(decoded), sampling.stop)
+            hit_limit = end is None and len(row) >= sampling.max_tokens
+            finish = "stop" if cut or not hit_limit else "length"
+            results.append(GenResult(request.id, text, finish, len(ids), len(generated)))
+        return results
+
+    def close(self) -> None:
+        """Free the model's memory."""
+        del self.model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

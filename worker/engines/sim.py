@@ -1,0 +1,133 @@
+"""Sim engine: echo-like output with the timing of a continuous-batching GPU.
+
+Each step() is one decode step of a simulated device holding `slots` sequences: free slots
+are filled from the waiting queue (priority 0 before 1, then FIFO), the step sleeps
+
+    sim_decode_step + sim_decode_per_seq * running + sim_prefill_per_token * new prompt tokens
+
+and every running sequence gains one token. A sequence generates exactly max_tokens tokens
+(as with ignore_eos) unless a stop string ends it earlier.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sluice.config import Settings
+from worker.engines.base import Engine, GenRequest, GenResult
+from worker.engines.meter import OccupancyMeter
+from worker.engines.text import WaitQueue, context_error, count_words, render_chat, sim_output
+
+
+@dataclass
+class _Seq:
+    request: GenRequest
+    prompt_tokens: int
+    text: str
+    finish_reason: str
+    target: int  # tokens to generate before the sequence finishes
+    generated: int = 0
+
+
+class SimEngine(Engine):
+    """A simulated continuous-batching device; `meter` reports how full it was kept."""
+
+    name = "sim"
+
+    def __init__(self, settings: Settings) -> None:
+        self._slots = settings.max_num_seqs
+        self._max_model_len = settings.max_model_len
+        self._prefill_per_token = settings.sim_prefill_per_token
+        self._decode_step = settings.sim_decode_step
+        self._decode_per_seq = settings.sim_decode_per_seq
+        self._waiting: WaitQueue[_Seq] = WaitQueue()
+        self._running: dict[int, _Seq] = {}
+        self._done: list[GenResult] = []  # aborted or rejected, returned by the next step
+        self.meter = OccupancyMeter(self._slots)
+
+    @property
+    def slots(self) -> int:
+        """Sequences decoded together (settings.max_num_seqs)."""
+        return self._slots
+
+    @property
+    def max_model_len(self) -> int:
+        """Context length from settings.max_model_len."""
+        return self._max_model_len
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        """The plain '<|role|>' template."""
+        return render_chat(messages)
+
+    def count_tokens(self, text: str) -> int:
+        """Whitespace-separated words."""
+        return count_words(text)
+
+    def busy_slots(self) -> int:
+        """Sequences holding a slot now."""
+        return len(self._running)
+
+    def add(self, request: GenRequest) -> None:
+        """Queue the request for a free slot, or reject it now if it does not fit."""
+        self.meter.mark_add()
+        s = request.sampling
+        prompt_tokens = (
+            len(request.prompt_token_ids)
+            if request.prompt_token_ids is not None
+            else self.count_tokens(request.prompt)
+        )
+        error = context_error(prompt_tokens, s.max_tokens, self.max_model_len)
+        if error is not None:
+            self._done.append(GenResult(request.id, "", "error", prompt_tokens, 0, error))
+            return
+        out, finish, target = sim_output(request.prompt, s.max_tokens, s.stop)
+        seq = _Seq(request, prompt_tokens, out, finish, target)
+        self._waiting.push(request.id, request.priority, seq)
+
+    def abort(self, ids: list[int]) -> None:
+        """Drop waiting or running requests; they come back with finish_reason 'abort'."""
+        for request_id in ids:
+            seq = self._waiting.remove(request_id) or self._running.pop(request_id, None)
+            if seq is not None:
+                self._done.append(
+                    GenResult(request_id, "", "abort", seq.prompt_tokens, seq.generated)
+                )
+
+    def has_unfinished(self) -> bool:
+        """True while anything waits, runs, or awaits return."""
+        return bool(self._waiting) or bool(self._running) or bool(self._done)
+
+    def step(self) -> list[GenResult]:
+        """Admit into free slots, spend one simulated decode step, return finished sequences."""
+        results, self._done = self._done, []
+        start = time.monotonic()
+        prefill_tokens = 0
+        while len(self._running) < self._slots and (seq := self._waiting.pop()) is not None:
+            self._running[seq.request.id] = seq
+            prefill_tokens += seq.prompt_tokens
+        running = len(self._running)
+        if running == 0:
+            return results
+        duration = (
+            self._decode_step
+            + self._decode_per_seq * running
+            + self._prefill_per_token * prefill_tokens
+        )
+        # Sleep to a deadline so bookkeeping time is part of the step, not added to it.
+        remaining = start + duration - time.monotonic()
+        if remaining > 0:
+            time.sleep(remaining)
+        for seq in self._running.values():
+            seq.generated += 1
+        finished = [seq for seq in self._running.values() if seq.generated >= seq.target]
+        for seq in finished:
+            del self._running[seq.request.id]
+            results.append(
+                GenResult(
+                    seq.request.id, seq.text, seq.finish_reason, seq.prompt_tokens, seq.generated
+                )
+            )
+        self.meter.record_step(start, time.monotonic(), running, running)
+        return results
