@@ -182,6 +182,11 @@ class EmbeddedRedis:
         with self._lock:
             if self._proc is not None and self._proc.poll() is None:
                 return
+            if ping(self.socket_path):
+                # A second server would unlink the running one's socket and take its place.
+                raise EmbeddedRedisError(
+                    f"a redis-server already answers on {self.socket_path}; use ensure_redis()"
+                )
             self.data_dir.mkdir(parents=True, exist_ok=True)
             cmd = self.command()
             try:
@@ -204,7 +209,11 @@ class EmbeddedRedis:
                 self._proc = None
                 raise
             self.pid_path.write_text(f"{proc.pid}\n")
-            if not self.detach:
+            if self.detach:
+                # Reap it whenever it exits (stopped by another process), so it never
+                # lingers as a zombie that looks alive to the process stopping it.
+                threading.Thread(target=proc.wait, name="redis-reaper", daemon=True).start()
+            else:
                 atexit.register(self.stop)
 
     def _wait_ready(self, proc: subprocess.Popen[bytes]) -> None:
@@ -361,8 +370,19 @@ def _wait_gone(pid: int, deadline: float) -> None:
                 return
         except ChildProcessError:
             pass
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             return
         time.sleep(_POLL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        # A zombie (exited, not yet reaped by its parent) answers kill(pid, 0) too.
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] != "Z"
