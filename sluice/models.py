@@ -156,6 +156,7 @@ class Request(Base):
     priority: Mapped[int] = mapped_column(SmallInteger, default=BULK)
     status: Mapped[str] = mapped_column(String(12), default=QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The worker holding the lease; kept after the result is written (who ran it).
     lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
     lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     output_text: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -120,7 +120,7 @@ UPDATE requests AS r SET
   status = v.status, output_text = v.output_text, finish_reason = v.finish_reason,
   error_code = v.error_code, error_message = v.error_message,
   prompt_tokens = v.prompt_tokens, completion_tokens = v.completion_tokens,
-  finished_at = v.finished_at, lease_owner = NULL, lease_expires_at = NULL
+  finished_at = v.finished_at, lease_expires_at = NULL
 FROM (SELECT unnest(CAST(:ids AS bigint[])) AS id, unnest(CAST(:status AS text[])) AS status,
              unnest(CAST(:output_text AS text[])) AS output_text,
              unnest(CAST(:finish_reason AS text[])) AS finish_reason,
@@ -173,7 +173,7 @@ def write_results(db: Database, owner: str, results: Sequence[Result]) -> list[s
                 update(requests)
                 .where(requests.c.id == bindparam("rid"))
                 .values(
-                    **{f: bindparam(f) for f in _FIELDS}, lease_owner=None, lease_expires_at=None
+                    **{f: bindparam(f) for f in _FIELDS}, lease_expires_at=None
                 ),
                 [{"rid": r.id, **{f: getattr(r, f) for f in _FIELDS}} for r in mine],
             )
