@@ -37,7 +37,7 @@ def window_seconds(window: str) -> int:
     """Seconds in a completion window such as '24h', '90m' or '7d'."""
     if window in WINDOWS:
         return WINDOWS[window]
-    unit = {"m": 60, "h": 3600, "d": 86400}.get(window[-1:])
+    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(window[-1:])
     if unit and window[:-1].isdigit() and int(window[:-1]) > 0:
         return int(window[:-1]) * unit
     raise InvalidInput(
