@@ -10,10 +10,31 @@ from pathlib import Path
 
 from sluice.cli import main as sluice_main
 
-TOPICS = ["rivers", "bread", "lighthouses", "owls", "glaciers", "violins", "tides", "maps",
-          "bees", "comets", "ferns", "harbours", "kites", "lanterns", "orchards", "salt"]
-ASKS = ["Write one sentence about {t}.", "List three facts about {t}.",
-        "Describe {t} to a child.", "Give {t} a short poem.", "Why do people like {t}?"]
+TOPICS = [
+    "rivers",
+    "bread",
+    "lighthouses",
+    "owls",
+    "glaciers",
+    "violins",
+    "tides",
+    "maps",
+    "bees",
+    "comets",
+    "ferns",
+    "harbours",
+    "kites",
+    "lanterns",
+    "orchards",
+    "salt",
+]
+ASKS = [
+    "Write one sentence about {t}.",
+    "List three facts about {t}.",
+    "Describe {t} to a child.",
+    "Give {t} a short poem.",
+    "Why do people like {t}?",
+]
 
 
 def write_prompts(path: Path, n: int = 200, seed: int = 7) -> Path:
@@ -23,9 +44,14 @@ def write_prompts(path: Path, n: int = 200, seed: int = 7) -> Path:
     with path.open("w", encoding="utf-8") as fh:
         for _ in range(n):
             ask = rng.choice(ASKS).format(t=rng.choice(TOPICS))
-            line = {"messages": [{"role": "system", "content": "You are concise."},
-                                 {"role": "user", "content": ask}],
-                    "max_tokens": rng.choice([8, 16, 32]), "temperature": 0}
+            line = {
+                "messages": [
+                    {"role": "system", "content": "You are concise."},
+                    {"role": "user", "content": ask},
+                ],
+                "max_tokens": rng.choice([8, 16, 32]),
+                "temperature": 0,
+            }
             fh.write(json.dumps(line) + "\n")
     return path
 
@@ -42,9 +68,15 @@ def main() -> int:
     prompts = write_prompts(demo / "prompts.jsonl")
     results = demo / "results.jsonl"
     # The demo's own settings; a configured database or Redis is still honoured.
-    os.environ.update({"SLUICE_ENGINE": "hf", "SLUICE_MODEL": str(model_dir),
-                       "SLUICE_MODEL_NAME": "tiny-llama", "SLUICE_MAX_NUM_SEQS": "32",
-                       "SLUICE_DATA_DIR": str(demo)})
+    os.environ.update(
+        {
+            "SLUICE_ENGINE": "hf",
+            "SLUICE_MODEL": str(model_dir),
+            "SLUICE_MODEL_NAME": "tiny-llama",
+            "SLUICE_MAX_NUM_SEQS": "32",
+            "SLUICE_DATA_DIR": str(demo),
+        }
+    )
     from sluice.config import get_settings
 
     get_settings.cache_clear()
@@ -52,10 +84,12 @@ def main() -> int:
     if code == 0:
         first = json.loads(results.read_text().splitlines()[0])
         text = first["response"]["body"]["choices"][0]["message"]["content"]
-        print(f"\n200 prompts ran through API -> Redis -> worker (hf, tiny random Llama) -> "
-              f"database.\nprompts: {prompts}\nresults: {results}\n"
-              f"first result ({first['custom_id']}): {text[:80]!r} (random weights: "
-              "gibberish is expected)")
+        print(
+            f"\n200 prompts ran through API -> Redis -> worker (hf, tiny random Llama) -> "
+            f"database.\nprompts: {prompts}\nresults: {results}\n"
+            f"first result ({first['custom_id']}): {text[:80]!r} (random weights: "
+            "gibberish is expected)"
+        )
     return code
 
 

@@ -46,33 +46,36 @@ class Stack:
         self.redis = ensure_redis(settings)
         self.url = f"http://{host}:{port}"
 
-    def start(self, timeout: float = 120.0) -> None:
-        """Migrate, start both processes, wait until the API answers /readyz."""
-        upgrade(self.settings.resolved_database_url)
-        env = {
+    def child_env(self) -> dict[str, str]:
+        """The environment every child process gets (settings travel as SLUICE_ vars)."""
+        return {
             **os.environ,
             **self.extra_env,
             "SLUICE_REDIS_URL": self.redis.url,
             "SLUICE_DATA_DIR": str(self.settings.data_dir.resolve()),
             "SLUICE_DATABASE_URL": self.settings.resolved_database_url,
         }
-        out = subprocess.DEVNULL if self.quiet else None
+
+    def spawn(self, *args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start `sluice ARGS...` as a child; quiet mode logs to DATA_DIR/<command>.log."""
         log_dir = Path(self.settings.data_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
-        for args, log_name in (
-            (["api", "--host", self.host, "--port", str(self.port)], "api.log"),
-            (["worker"], "worker.log"),
-        ):
-            stream = open(log_dir / log_name, "ab") if self.quiet else out  # noqa: SIM115
-            self.names.append(args[0])
-            self.procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "sluice.cli", *args],
-                    env=env,
-                    stdout=stream,
-                    stderr=subprocess.STDOUT if self.quiet else None,
-                )
-            )
+        stream = open(log_dir / f"{args[0]}.log", "ab") if self.quiet else None  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sluice.cli", *args],
+            env={**self.child_env(), **(env or {})},
+            stdout=stream,
+            stderr=subprocess.STDOUT if self.quiet else None,
+        )
+        self.names.append(args[0])
+        self.procs.append(proc)
+        return proc
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Migrate, start the API and one worker, wait until the API answers /readyz."""
+        upgrade(self.settings.resolved_database_url)
+        self.spawn("api", "--host", self.host, "--port", str(self.port))
+        self.spawn("worker")
         self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:

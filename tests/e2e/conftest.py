@@ -45,15 +45,28 @@ class Running:
             time.sleep(0.1)
         raise AssertionError(f"batch {batch_id} did not finish in {timeout}s: {b}")
 
+    def wait_for(self, check: Callable[[], bool], timeout: float = 60) -> None:
+        """Poll a condition until it holds, or fail after the deadline."""
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline, "condition never held"
+            time.sleep(0.05)
+
     def run_file(self, lines: list[dict[str, Any]], endpoint: str) -> dict[str, Any]:
         """Upload lines, create a batch, wait for it."""
         data = "".join(json.dumps(x) + "\n" for x in lines).encode()
-        f = self.http.post("/v1/files", data={"purpose": "batch"},
-                           files={"file": ("in.jsonl", data)})
+        f = self.http.post(
+            "/v1/files", data={"purpose": "batch"}, files={"file": ("in.jsonl", data)}
+        )
         assert f.status_code == 200, f.text
-        b = self.http.post("/v1/batches", json={"input_file_id": f.json()["id"],
-                                                "endpoint": endpoint,
-                                                "completion_window": "24h"})
+        b = self.http.post(
+            "/v1/batches",
+            json={
+                "input_file_id": f.json()["id"],
+                "endpoint": endpoint,
+                "completion_window": "24h",
+            },
+        )
         assert b.status_code == 200, b.text
         return self.wait_batch(b.json()["id"])
 
@@ -99,8 +112,7 @@ def start_stack(backend: str, data_dir: Path, **env: str) -> Iterator[Running]:
     try:
         stack.start()
         with httpx.Client(base_url=stack.url, timeout=60) as http:
-            yield Running(stack, settings, http, redis.Redis.from_url(stack.redis.url),
-                          backend)
+            yield Running(stack, settings, http, redis.Redis.from_url(stack.redis.url), backend)
     finally:
         stack.stop()
         drop()

@@ -22,21 +22,35 @@ SLOTS = 4
 def sluice(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     """Sim engine: 4 slots, 10 ms per token, so 40 requests of 40 tokens take about 4 s."""
     yield from start_stack(
-        backend, Path(tmp_path_factory.mktemp(f"life-{backend}")),
-        SLUICE_ENGINE="sim", SLUICE_MAX_NUM_SEQS=str(SLOTS), SLUICE_SIM_DECODE_STEP="0.01",
-        SLUICE_SIM_DECODE_PER_SEQ="0", SLUICE_SIM_PREFILL_PER_TOKEN="0",
-        SLUICE_RECONCILE_INTERVAL="0.2")
+        backend,
+        Path(tmp_path_factory.mktemp(f"life-{backend}")),
+        SLUICE_ENGINE="sim",
+        SLUICE_MAX_NUM_SEQS=str(SLOTS),
+        SLUICE_SIM_DECODE_STEP="0.01",
+        SLUICE_SIM_DECODE_PER_SEQ="0",
+        SLUICE_SIM_PREFILL_PER_TOKEN="0",
+        SLUICE_RECONCILE_INTERVAL="0.2",
+    )
 
 
 def submit(sluice: Running, n: int, window: str = "24h") -> str:
-    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
-              "body": {"model": MODEL, "prompt": f"count {i}", "max_tokens": 40}}
-             for i in range(n)]
+    lines = [
+        {
+            "custom_id": f"r{i}",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": MODEL, "prompt": f"count {i}", "max_tokens": 40},
+        }
+        for i in range(n)
+    ]
     data = "".join(json.dumps(x) + "\n" for x in lines).encode()
-    f = sluice.http.post("/v1/files", data={"purpose": "batch"},
-                         files={"file": ("in.jsonl", data)}).json()
-    b = sluice.http.post("/v1/batches", json={"input_file_id": f["id"], "completion_window":
-                                              window, "endpoint": "/v1/completions"})
+    f = sluice.http.post(
+        "/v1/files", data={"purpose": "batch"}, files={"file": ("in.jsonl", data)}
+    ).json()
+    b = sluice.http.post(
+        "/v1/batches",
+        json={"input_file_id": f["id"], "completion_window": window, "endpoint": "/v1/completions"},
+    )
     assert b.status_code == 200, b.text
     assert b.json()["status"] == "in_progress"
     return str(b.json()["id"])
@@ -58,8 +72,11 @@ def wait_results(sluice: Running, batch_id: str, at_least: int) -> list[dict[str
 def started(sluice: Running, batch_id: str) -> dict[str, float | None]:
     db = create_engine(sluice.settings.resolved_database_url)
     with db.connect() as conn:
-        rows = conn.execute(select(requests.c.custom_id, requests.c.started_at)
-                            .where(requests.c.batch_id == batch_id)).all()
+        rows = conn.execute(
+            select(requests.c.custom_id, requests.c.started_at).where(
+                requests.c.batch_id == batch_id
+            )
+        ).all()
     db.dispose()
     return {r.custom_id: r.started_at for r in rows}
 
@@ -68,7 +85,9 @@ def test_results_stream_while_running_then_completed(sluice: Running) -> None:
     batch_id = submit(sluice, 12)
     partial = wait_results(sluice, batch_id, 1)
     assert sluice.http.get(f"/v1/batches/{batch_id}").json()["status"] in (
-        "in_progress", "completed")
+        "in_progress",
+        "completed",
+    )
     assert all(x["response"]["status_code"] == 200 for x in partial)
     done = sluice.wait_batch(batch_id)
     assert done["status"] == "completed"

@@ -48,25 +48,41 @@ def _wait(client: OpenAI, batch_id: str, timeout: float = 60) -> object:
 def test_whole_workflow(client: OpenAI, endpoint: str) -> None:
     n = 50
     if endpoint == "/v1/chat/completions":
-        bodies = [{"model": MODEL, "max_tokens": 5,
-                   "messages": [{"role": "user", "content": f"tell me all about item {i}"}]}
-                  for i in range(n)]
+        bodies = [
+            {
+                "model": MODEL,
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": f"tell me all about item {i}"}],
+            }
+            for i in range(n)
+        ]
     else:
-        bodies = [{"model": MODEL, "max_tokens": 5, "prompt": f"tell me all about item {i}"}
-                  for i in range(n)]
-    lines = [{"custom_id": f"c{i}", "method": "POST", "url": endpoint, "body": b}
-             for i, b in enumerate(bodies)]
+        bodies = [
+            {"model": MODEL, "max_tokens": 5, "prompt": f"tell me all about item {i}"}
+            for i in range(n)
+        ]
+    lines = [
+        {"custom_id": f"c{i}", "method": "POST", "url": endpoint, "body": b}
+        for i, b in enumerate(bodies)
+    ]
     f = client.files.create(file=_jsonl(lines), purpose="batch")
     assert f.purpose == "batch" and f.bytes > 0 and f.object == "file"
-    batch = client.batches.create(input_file_id=f.id, endpoint=endpoint,  # type: ignore[arg-type]
-                                  completion_window="24h", metadata={"run": "ci"})
+    batch = client.batches.create(
+        input_file_id=f.id,
+        endpoint=endpoint,  # type: ignore[arg-type]
+        completion_window="24h",
+        metadata={"run": "ci"},
+    )
     assert batch.metadata == {"run": "ci"}
     done = client.batches.retrieve(batch.id)
     done = _wait(client, batch.id)  # type: ignore[assignment]
     assert done.status == "completed"
     assert done.request_counts is not None
-    assert (done.request_counts.total, done.request_counts.completed,
-            done.request_counts.failed) == (n, n, 0)
+    assert (
+        done.request_counts.total,
+        done.request_counts.completed,
+        done.request_counts.failed,
+    ) == (n, n, 0)
     assert done.usage is not None and done.usage.output_tokens == 5 * n
     assert done.in_progress_at and done.completed_at and done.finalizing_at
     assert done.output_file_id is not None
@@ -82,11 +98,18 @@ def test_whole_workflow(client: OpenAI, endpoint: str) -> None:
 
 
 def test_cancel_and_errors(client: OpenAI) -> None:
-    lines = [{"custom_id": "only", "method": "POST", "url": "/v1/completions",
-              "body": {"model": MODEL, "prompt": "x"}}]
+    lines = [
+        {
+            "custom_id": "only",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": MODEL, "prompt": "x"},
+        }
+    ]
     f = client.files.create(file=_jsonl(lines), purpose="batch")
-    b = client.batches.create(input_file_id=f.id, endpoint="/v1/completions",
-                              completion_window="24h")
+    b = client.batches.create(
+        input_file_id=f.id, endpoint="/v1/completions", completion_window="24h"
+    )
     c = client.batches.cancel(b.id)
     # The echo engine may have finished it already; otherwise it is being cancelled.
     assert c.status in ("cancelling", "cancelled", "completed")

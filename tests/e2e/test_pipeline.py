@@ -20,14 +20,25 @@ MODEL = "sluice-echo"
 @pytest.fixture(scope="module")
 def sluice(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     """One stack per backend for this module; the echo engine with a 64-token context."""
-    yield from start_stack(backend, Path(tmp_path_factory.mktemp(backend)),
-                           SLUICE_MAX_MODEL_LEN="64", SLUICE_MAX_NUM_SEQS="16")
+    yield from start_stack(
+        backend,
+        Path(tmp_path_factory.mktemp(backend)),
+        SLUICE_MAX_MODEL_LEN="64",
+        SLUICE_MAX_NUM_SEQS="16",
+    )
 
 
 def chat_line(i: int, text: str, max_tokens: int = 8) -> dict[str, object]:
-    return {"custom_id": f"req-{i}", "method": "POST", "url": CHAT,
-            "body": {"model": MODEL, "max_tokens": max_tokens,
-                     "messages": [{"role": "user", "content": text}]}}
+    return {
+        "custom_id": f"req-{i}",
+        "method": "POST",
+        "url": CHAT,
+        "body": {
+            "model": MODEL,
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": text}],
+        },
+    }
 
 
 def test_single_job_round_trip(sluice: Running) -> None:
@@ -91,10 +102,14 @@ def test_duplicate_messages_give_one_result(sluice: Running) -> None:
         assert time.monotonic() < deadline, "duplicate messages were never consumed"
         time.sleep(0.05)
     with db.connect() as conn:
-        row = conn.execute(select(requests.c.attempts, requests.c.status, requests.c.finished_at)
-                           .where(requests.c.id == rid)).one()
-        counts = conn.execute(select(batches.c.completed, batches.c.total)
-                              .where(batches.c.id == job_id)).one()
+        row = conn.execute(
+            select(requests.c.attempts, requests.c.status, requests.c.finished_at).where(
+                requests.c.id == rid
+            )
+        ).one()
+        counts = conn.execute(
+            select(batches.c.completed, batches.c.total).where(batches.c.id == job_id)
+        ).one()
     db.dispose()
     assert row.attempts == 1 and row.status == "succeeded"
     assert tuple(counts) == (1, 1)
