@@ -1,0 +1,1 @@
+"""Sluice's HTTP API (FastAPI): OpenAI-compatible files and batches, and single jobs."""

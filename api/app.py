@@ -1,0 +1,71 @@
+"""The FastAPI application: lifespan (database, Redis, Celery), error handlers, routes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from api.deps import AppState
+from api.errors import install as install_errors
+from api.routes import batches, files, health, jobs
+from sluice.config import Settings, get_settings
+from sluice.db import get_database
+from sluice.queue import make_celery
+from sluice.redis_server import ensure_redis
+
+log = logging.getLogger("sluice.api")
+
+
+async def _redis_url(settings: Settings) -> str:
+    if settings.redis_url:
+        return settings.redis_url
+    # Detached: the embedded server is shared with the worker and outlives this process.
+    handle = await anyio.to_thread.run_sync(lambda: ensure_redis(settings, detach=True))
+    return handle.url
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API for these settings (default: the environment's)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = get_database(settings)
+        redis_url = await _redis_url(settings)
+        celery = make_celery(settings, redis_url)
+        # No read timeout: long-polls wait on pub/sub sockets for up to max_wait_seconds.
+        redis = Redis.from_url(redis_url, socket_connect_timeout=5)
+        app.state.sluice = AppState(settings, db, celery, redis, redis_url)
+        log.info("sluice api ready: database %s, redis %s", db.engine.url, redis_url)
+        try:
+            yield
+        finally:
+            await redis.aclose()
+            celery.close()
+            db.dispose()
+
+    app = FastAPI(
+        title="Sluice",
+        summary="Self-hosted batch inference with an OpenAI-Batch-compatible API",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_errors(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.include_router(files.router)
+    app.include_router(batches.router)
+    return app
+
+
+def app() -> FastAPI:
+    """Factory for `uvicorn --factory api.app:app`: settings come from the environment."""
+    return create_app()
+
+
+app_factory = app

@@ -1,0 +1,68 @@
+"""Request dependencies: settings, database, Celery, Redis and the caller's identity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Header, Request
+from redis.asyncio import Redis
+
+from sluice.config import Settings
+from sluice.db import Database
+
+DEFAULT_OWNER = "default"
+
+
+@dataclass
+class AppState:
+    """What the lifespan opens once and every request shares."""
+
+    settings: Settings
+    db: Database
+    celery: Celery
+    redis: Redis
+    redis_url: str
+
+
+def get_state(request: Request) -> AppState:
+    """The application's shared state."""
+    state: AppState = request.app.state.sluice
+    return state
+
+
+def get_settings(request: Request) -> Settings:
+    """The settings the app was created with."""
+    return get_state(request).settings
+
+
+def get_db(request: Request) -> Database:
+    """The app's database."""
+    return get_state(request).db
+
+
+def get_celery(request: Request) -> Celery:
+    """The Celery app used for publishing only."""
+    return get_state(request).celery
+
+
+def get_redis(request: Request) -> Redis:
+    """The asyncio Redis client (pub/sub for long-polls, PING for readiness)."""
+    return get_state(request).redis
+
+
+def get_owner(authorization: Annotated[str | None, Header()] = None) -> str:
+    """The caller's owner id; API keys are not checked yet, so it is always "default"."""
+    # Any `Authorization: Bearer ...` header (or none) is accepted, so OpenAI clients, which
+    # always send a key, work unchanged. Every file, batch and job belongs to "default".
+    del authorization
+    return DEFAULT_OWNER
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+DbDep = Annotated[Database, Depends(get_db)]
+CeleryDep = Annotated[Celery, Depends(get_celery)]
+RedisDep = Annotated[Redis, Depends(get_redis)]
+StateDep = Annotated[AppState, Depends(get_state)]
+OwnerDep = Annotated[str, Depends(get_owner)]

@@ -1,0 +1,150 @@
+"""Batches (OpenAI's Batch API): create, get, list, cancel; and results while running."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from api.deps import CeleryDep, DbDep, OwnerDep, RedisDep, SettingsDep
+from api.errors import ApiError
+from api.publish import publish_cancel, publish_created
+from sluice.db import Database
+from sluice.errors import InvalidInput, NotFound
+from sluice.render import batch_object, results_chunks
+from sluice.sampling import ENDPOINTS
+from sluice.store.batches import cancel_batch, create_batch, get_batch, list_batches
+
+router = APIRouter(prefix="/v1/batches")
+
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
+
+
+class BatchIn(BaseModel):
+    """OpenAI's batch creation body (fields it may add later are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input_file_id: str
+    endpoint: str
+    completion_window: str = "24h"
+    metadata: dict[str, str] | None = None
+
+
+def _check_metadata(metadata: dict[str, str] | None) -> None:
+    if not metadata:
+        return
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise InvalidInput(
+            f"metadata holds at most {MAX_METADATA_PAIRS} pairs, not {len(metadata)}",
+            param="metadata",
+            code="invalid_value",
+        )
+    for key, value in metadata.items():
+        if len(key) > MAX_METADATA_KEY:
+            raise InvalidInput(
+                f"metadata keys are at most {MAX_METADATA_KEY} characters ({key[:20]!r}... has "
+                f"{len(key)})",
+                param="metadata",
+                code="invalid_value",
+            )
+        if len(value) > MAX_METADATA_VALUE:
+            raise InvalidInput(
+                f"metadata values are at most {MAX_METADATA_VALUE} characters (the value of "
+                f"{key!r} has {len(value)})",
+                param="metadata",
+                code="invalid_value",
+            )
+
+
+def _object(db: Database, batch_id: str, owner: str) -> dict[str, Any]:
+    return batch_object(get_batch(db, batch_id, owner))
+
+
+@router.post("")
+async def create(
+    batch: BatchIn,
+    settings: SettingsDep,
+    db: DbDep,
+    celery: CeleryDep,
+    owner: OwnerDep,
+) -> dict[str, Any]:
+    """Check the input file and queue its lines; a file with bad lines gives a failed batch."""
+    if batch.endpoint not in ENDPOINTS:
+        raise InvalidInput(
+            f"endpoint must be one of {', '.join(ENDPOINTS)}", param="endpoint",
+            code="invalid_value",
+        )  # fmt: skip
+    _check_metadata(batch.metadata)
+
+    def run() -> Any:
+        return create_batch(
+            db,
+            owner=owner,
+            input_file_id=batch.input_file_id,
+            endpoint=batch.endpoint,
+            completion_window=batch.completion_window,
+            metadata=batch.metadata,
+            accepted_models=settings.accepted_models,
+            max_requests=settings.max_file_lines,
+        )
+
+    try:
+        created = await anyio.to_thread.run_sync(run)
+    except NotFound as exc:
+        raise ApiError(404, str(exc), code="file_not_found", param="input_file_id") from None
+    await publish_created(celery, settings, created)
+    return await anyio.to_thread.run_sync(_object, db, created.batch_id, owner)
+
+
+@router.get("")
+async def list_all(
+    db: DbDep,
+    owner: OwnerDep,
+    after: str | None = None,
+    limit: int = Query(20, ge=1, le=100),
+) -> dict[str, Any]:
+    """The caller's batches, newest first (OpenAI cursor pagination)."""
+    rows = await anyio.to_thread.run_sync(list_batches, db, owner, after, limit)
+    data = [batch_object(r) for r in rows[:limit]]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": len(rows) > limit,
+    }
+
+
+@router.get("/{batch_id}")
+async def retrieve(batch_id: str, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
+    """One batch."""
+    return await anyio.to_thread.run_sync(_object, db, batch_id, owner)
+
+
+@router.post("/{batch_id}/cancel")
+async def cancel(batch_id: str, db: DbDep, redis: RedisDep, owner: OwnerDep) -> dict[str, Any]:
+    """Cancel: queued requests never run; workers abort running ones (status cancelling)."""
+    tell_workers = await anyio.to_thread.run_sync(cancel_batch, db, batch_id, owner)
+    if tell_workers:
+        await publish_cancel(redis, batch_id)
+    return await anyio.to_thread.run_sync(_object, db, batch_id, owner)
+
+
+@router.get("/{batch_id}/results")
+async def results(
+    batch_id: str,
+    db: DbDep,
+    owner: OwnerDep,
+    after_line: int | None = Query(None, ge=0),
+) -> StreamingResponse:
+    """Lines finished so far (any end status) in output-file format; `after_line` resumes."""
+    await anyio.to_thread.run_sync(get_batch, db, batch_id, owner)
+    return StreamingResponse(
+        results_chunks(db, batch_id, after_line), media_type="application/jsonl"
+    )
