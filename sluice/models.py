@@ -140,7 +140,7 @@ class Request(Base):
     __tablename__ = "requests"
     __table_args__ = (
         UniqueConstraint("batch_id", "custom_id"),
-        Index("ix_requests_batch_status", "batch_id", "status"),
+        Index("ix_requests_batch_line", "batch_id", "line_no"),
         Index("ix_requests_status_queued", "status", "queued_at"),
     )
 

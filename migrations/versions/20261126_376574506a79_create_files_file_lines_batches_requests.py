@@ -130,7 +130,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("batch_id", "custom_id", name=op.f("uq_requests_batch_id_custom_id")),
     )
     with op.batch_alter_table("requests", schema=None) as batch_op:
-        batch_op.create_index("ix_requests_batch_status", ["batch_id", "status"], unique=False)
+        batch_op.create_index("ix_requests_batch_line", ["batch_id", "line_no"], unique=False)
         batch_op.create_index("ix_requests_status_queued", ["status", "queued_at"], unique=False)
 
 
@@ -138,7 +138,7 @@ def downgrade() -> None:
     """Drop the four tables."""
     with op.batch_alter_table("requests", schema=None) as batch_op:
         batch_op.drop_index("ix_requests_status_queued")
-        batch_op.drop_index("ix_requests_batch_status")
+        batch_op.drop_index("ix_requests_batch_line")
 
     op.drop_table("requests")
     op.drop_table("file_lines")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -62,7 +63,6 @@ class LineSplitter:
 
 
 def _error(line_no: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
-    # Bad lines keep no text: it may hold bytes (NUL) that PostgreSQL cannot store.
     return {
         "line_no": line_no,
         "custom_id": None,
@@ -78,6 +78,16 @@ def _error(line_no: int, code: str, message: str, param: str | None = None) -> d
 
 def parse_line(line_no: int, raw: bytes | None, max_line_bytes: int) -> dict[str, Any]:
     """Check one OpenAI batch line; returns its file_lines row (with an error if bad)."""
+    row = _check_line(line_no, raw, max_line_bytes)
+    if row["raw"] is None and raw is not None and b"\x00" not in raw:
+        # A bad line keeps its text so the file downloads as uploaded; NUL bytes cannot
+        # be stored in PostgreSQL text, and undecodable bytes are not text at all.
+        with contextlib.suppress(UnicodeDecodeError):
+            row["raw"] = raw.decode("utf-8")
+    return row
+
+
+def _check_line(line_no: int, raw: bytes | None, max_line_bytes: int) -> dict[str, Any]:
     if raw is None:
         return _error(line_no, "line_too_long", f"longer than {max_line_bytes} bytes")
     try:

@@ -159,7 +159,7 @@ def write_results(db: Database, owner: str, results: Sequence[Result]) -> list[s
         )
         if db.is_postgres:
             held_q = held_q.with_for_update()
-        held = dict(conn.execute(held_q).tuples().all())
+        held = {row[0]: row[1] for row in conn.execute(held_q)}
         mine = [r for r in results if r.id in held]
         if not mine:
             return []
@@ -172,9 +172,7 @@ def write_results(db: Database, owner: str, results: Sequence[Result]) -> list[s
             conn.execute(
                 update(requests)
                 .where(requests.c.id == bindparam("rid"))
-                .values(
-                    **{f: bindparam(f) for f in _FIELDS}, lease_expires_at=None
-                ),
+                .values(**{f: bindparam(f) for f in _FIELDS}, lease_expires_at=None),
                 [{"rid": r.id, **{f: getattr(r, f) for f in _FIELDS}} for r in mine],
             )
         outcomes = [
@@ -229,20 +227,16 @@ def requeue_expired_leases(
             .scalars()
             .all()
         )
-        requeued = (
-            conn.execute(
-                update(requests)
-                .where(expired)
-                .values(status=QUEUED, lease_owner=None, lease_expires_at=None, queued_at=now)
-                .returning(requests.c.id, requests.c.model, requests.c.priority)
-            )
-            .tuples()
-            .all()
-        )
+        requeued = conn.execute(
+            update(requests)
+            .where(expired)
+            .values(status=QUEUED, lease_owner=None, lease_expires_at=None, queued_at=now)
+            .returning(requests.c.id, requests.c.model, requests.c.priority)
+        ).all()
         outcomes = [Outcome(b, CANCELLED) for b in dropped]
         outcomes += [Outcome(b, FAILED) for b in poisoned]
         finished = account(conn, tally(outcomes)) if outcomes else []
-    return list(requeued), finished
+    return [(r.id, r.model, r.priority) for r in requeued], finished
 
 
 def stale_queued(
@@ -251,16 +245,12 @@ def stale_queued(
     """Queued rows whose message may be lost; their clock restarts so each is sent once."""
     now = clock()
     with db.write() as conn:
-        rows = (
-            conn.execute(
-                select(requests.c.id, requests.c.model, requests.c.priority)
-                .where(requests.c.status == QUEUED, requests.c.queued_at < now - older_than)
-                .order_by(requests.c.id)
-                .limit(limit)
-            )
-            .tuples()
-            .all()
-        )
+        rows = conn.execute(
+            select(requests.c.id, requests.c.model, requests.c.priority)
+            .where(requests.c.status == QUEUED, requests.c.queued_at < now - older_than)
+            .order_by(requests.c.id)
+            .limit(limit)
+        ).all()
         if rows:
             ids = [r[0] for r in rows]
             for start in range(0, len(ids), 10_000):
@@ -269,7 +259,7 @@ def stale_queued(
                     .where(requests.c.id.in_(ids[start : start + 10_000]))
                     .values(queued_at=now)
                 )
-    return list(rows)
+    return [(r.id, r.model, r.priority) for r in rows]
 
 
 def expire_batches(db: Database) -> list[str]:
