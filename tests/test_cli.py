@@ -1,0 +1,133 @@
+"""The `sluice` command as a user runs it: up (and a clean stop), run, batches, bad settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import psutil
+
+from sluice.stack import free_port
+
+SLUICE = [sys.executable, "-m", "sluice.cli"]
+
+
+def _env(data_dir: Path, **extra: str) -> dict[str, str]:
+    """A user's shell: no database or Redis configured, so the embedded defaults apply."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    return {**env, "SLUICE_DATA_DIR": str(data_dir), "SLUICE_ENGINE": "echo", **extra}
+
+
+def test_up_serves_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [*SLUICE, "up", "--port", str(port)],
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        # The children's logs share stdout; the URL line comes once the API is ready.
+        for line in proc.stdout:
+            if "Sluice is up at" in line:
+                break
+        url = re.search(r"http://\S+", line)
+        assert url and url.group(0) == f"http://127.0.0.1:{port}", line
+        http = httpx.Client(base_url=url.group(0), timeout=30)
+        job = http.post("/v1/jobs", json={"prompt": "up and running", "max_tokens": 8})
+        done = http.get(f"/v1/jobs/{job.json()['id']}", params={"wait": 30}).json()
+        assert done["output"] == "up and running"
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 3  # api, worker, redis-server
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        _gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"left running: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_run_converts_plain_lines_and_writes_results(tmp_path: Path) -> None:
+    src = tmp_path / "prompts.jsonl"
+    src.write_text(
+        "".join(
+            json.dumps(x) + "\n"
+            for x in [
+                {"prompt": "first plain prompt", "max_tokens": 3},
+                {"prompt": "second plain prompt", "max_tokens": 3},
+            ]
+        )
+    )
+    out = tmp_path / "out.jsonl"
+    done = subprocess.run(
+        [*SLUICE, "run", str(src), "-o", str(out)],
+        env=_env(tmp_path / "d"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert {x["custom_id"]: x["response"]["body"]["choices"][0]["text"] for x in lines} == {
+        "line-1": "first plain prompt",
+        "line-2": "second plain prompt",
+    }
+
+
+def test_run_exits_nonzero_when_a_request_fails(tmp_path: Path) -> None:
+    src = tmp_path / "prompts.jsonl"
+    src.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "fits"}], "max_tokens": 2})
+        + "\n"
+        + json.dumps({"prompt": "far " * 100, "max_tokens": 2})
+        + "\n"
+    )
+    out = tmp_path / "out.jsonl"
+    done = subprocess.run(
+        [*SLUICE, "run", str(src), "-o", str(out)],
+        env=_env(tmp_path / "d", SLUICE_MAX_MODEL_LEN="32"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    # Mixed endpoints in one file are refused up front, naming the problem.
+    assert done.returncode == 1
+    assert "mixes" in done.stderr
+    src.write_text(
+        json.dumps({"prompt": "fits", "max_tokens": 2})
+        + "\n"
+        + json.dumps({"prompt": "far " * 100, "max_tokens": 2})
+        + "\n"
+    )
+    done = subprocess.run(
+        [*SLUICE, "run", str(src), "-o", str(out)],
+        env=_env(tmp_path / "d", SLUICE_MAX_MODEL_LEN="32"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 1, done.stderr
+    lines = {json.loads(x)["custom_id"]: json.loads(x) for x in out.read_text().splitlines()}
+    assert lines["line-1"]["response"]["status_code"] == 200
+    assert lines["line-2"]["response"]["body"]["error"]["code"] == "context_length_exceeded"
+
+
+def test_bad_setting_fails_at_start_naming_it(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*SLUICE, "db", "upgrade"],
+        env=_env(tmp_path, SLUICE_MAX_NUM_SEQS="lots"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "SLUICE_MAX_NUM_SEQS" in done.stderr

@@ -1,0 +1,126 @@
+"""docker-compose.yml's service commands, run natively (no Docker engine here) and checked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from sluice.config import load_settings
+from sluice.queue import broker_url
+from sluice.redis_server import ensure_redis
+from sluice.stack import free_port
+from tests.e2e.conftest import PG_URL, REDIS_URL, _fresh_pg_database
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def _command(service: str) -> list[str]:
+    cmd: list[str] = COMPOSE["services"][service]["command"]
+    return list(cmd)
+
+
+def _native(cmd: list[str], port: int | None = None, broker: str | None = None) -> list[str]:
+    """The compose command with this host's addresses instead of the compose network's."""
+    exe = {
+        "sluice": [sys.executable, "-m", "sluice.cli"],
+        "celery": [sys.executable, "-m", "celery"],
+    }[cmd[0]]
+    out = []
+    for arg in cmd[1:]:
+        if arg.startswith("--broker=") and broker:
+            arg = f"--broker={broker}"
+        elif arg.startswith("--port=") and port:
+            arg = f"--port={port}"
+        out.append(arg)
+    if "--port" in out and port:
+        out[out.index("--port") + 1] = str(port)
+    if "--host" in out:
+        out[out.index("--host") + 1] = "127.0.0.1"
+    return exe + out
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """The compose environment, pointed at this machine's database and Redis."""
+    drop = None
+    if PG_URL and REDIS_URL:
+        db_url, drop = _fresh_pg_database(PG_URL)
+        redis_url, handle = REDIS_URL, None
+    else:
+        db_url = f"sqlite:///{tmp_path / 'sluice.db'}"
+        handle = ensure_redis(load_settings(data_dir=tmp_path))
+        redis_url = handle.url
+    compose_env = {k: str(v) for k, v in COMPOSE["x-sluice-env"].items()}
+    assert set(compose_env) >= {"SLUICE_DATABASE_URL", "SLUICE_REDIS_URL"}
+    values = {
+        **os.environ,
+        **compose_env,
+        "SLUICE_DATABASE_URL": db_url,
+        "SLUICE_REDIS_URL": redis_url,
+        "SLUICE_DATA_DIR": str(tmp_path),
+        # The compose worker serves vLLM on a GPU; this host has neither, so echo.
+        "SLUICE_ENGINE": "echo",
+        "SLUICE_MODEL": "sluice-echo",
+    }
+    yield values
+    if handle:
+        handle.stop()
+    if drop:
+        drop()
+
+
+def test_compose_services_run_natively(env: dict[str, Any], tmp_path: Path) -> None:
+    assert {"redis", "postgres", "migrate", "api", "worker", "flower"} <= set(COMPOSE["services"])
+    gpu = COMPOSE["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+
+    migrate = subprocess.run(
+        _native(_command("migrate")), env=env, capture_output=True, text=True, timeout=120
+    )
+    assert migrate.returncode == 0, migrate.stderr
+
+    api_port, flower_port = free_port(), free_port()
+    procs = []
+    try:
+        with (tmp_path / "services.log").open("ab") as log:
+            for service, port in (("api", api_port), ("worker", None), ("flower", flower_port)):
+                cmd = _native(_command(service), port, broker_url(env["SLUICE_REDIS_URL"]))
+                procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=log))
+        api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30)
+        _wait_http(api, "/readyz")
+        job = api.post("/v1/jobs", json={"prompt": "compose says hi", "max_tokens": 3})
+        assert job.status_code == 202, job.text
+        done = api.get(f"/v1/jobs/{job.json()['id']}", params={"wait": 30}).json()
+        assert done["status"] == "succeeded" and done["output"] == "compose says hi"
+        flower = httpx.Client(base_url=f"http://127.0.0.1:{flower_port}", timeout=10)
+        _wait_http(flower, "/")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _wait_http(client: httpx.Client, path: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if client.get(path).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{client.base_url}{path} never answered 200"
+        time.sleep(0.1)
