@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -131,3 +132,17 @@ def test_expiry_keeps_finished_results(sluice: Running) -> None:
     assert ok | expired == {f"r{i}" for i in range(n)} and not ok & expired
     assert len(ok) >= 1 and len(expired) >= 1
     assert {x["error"]["code"] for x in errors} == {"batch_expired"}
+
+
+def test_single_jobs_arriving_together_share_the_engine(sluice: Running) -> None:
+    ids = []
+    for i in range(2 * SLOTS):
+        r = sluice.http.post("/v1/jobs", json={"prompt": f"job {i}", "max_tokens": 20})
+        assert r.status_code == 202
+        ids.append(r.json()["id"])
+    jobs = [sluice.http.get(f"/v1/jobs/{j}", params={"wait": 60}).json() for j in ids]
+    assert all(j["status"] == "succeeded" for j in jobs)
+    # Results of one engine step share a timestamp: jobs that finished together ran in
+    # one engine batch (an engine running one job at a time never finishes two at once).
+    finished = Counter(j["timings"]["finished_at"] for j in jobs)
+    assert max(finished.values()) >= 2, finished
