@@ -53,6 +53,8 @@ def test_up_serves_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         assert not alive, f"left running: {alive}"
     finally:
         if proc.poll() is None:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
             proc.kill()
 
 
