@@ -32,7 +32,8 @@ class Database:
             self.engine = _sqlite_engine(url, begin="BEGIN IMMEDIATE")
             self.read_engine = _sqlite_engine(url, begin="BEGIN")
         else:
-            self.engine = create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+            # No pre-ping: it costs a round trip per checkout; callers retry on OperationalError.
+            self.engine = create_engine(url, pool_size=10, max_overflow=20)
             self.read_engine = self.engine
 
     @contextmanager

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, select, text, update
+from sqlalchemy import BigInteger, Connection, and_, any_, bindparam, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from sluice.db import Database
 from sluice.ids import now as clock
@@ -54,6 +57,13 @@ class Result:
     finished_at: float = 0.0
 
 
+def _among(db: Database, column: Any, ids: Sequence[int]) -> Any:
+    """`column IN ids`; on PostgreSQL one array parameter, so the statement text is stable."""
+    if db.is_postgres:
+        return column == any_(bindparam("id_array", list(ids), type_=ARRAY(BigInteger)))
+    return column.in_(list(ids))
+
+
 def claim(db: Database, ids: Sequence[int], owner: str, lease_seconds: float) -> list[Claimed]:
     """Lease the still-queued rows among ids; rows another worker holds are skipped."""
     if not ids:
@@ -62,45 +72,28 @@ def claim(db: Database, ids: Sequence[int], owner: str, lease_seconds: float) ->
     with db.write() as conn:
         # status='queued' in the WHERE is the whole guard: a duplicate message or a second
         # worker finds nothing left to claim (PostgreSQL rechecks it after the row lock).
-        got = (
-            conn.execute(
-                update(requests)
-                .where(requests.c.id.in_(list(ids)), requests.c.status == QUEUED)
-                .values(
-                    status=RUNNING,
-                    lease_owner=owner,
-                    lease_expires_at=now + lease_seconds,
-                    attempts=requests.c.attempts + 1,
-                    started_at=now,
-                )
-                .returning(requests.c.id)
-            )
-            .scalars()
-            .all()
-        )
-        if not got:
-            return []
         rows = conn.execute(
-            select(
+            update(requests)
+            .where(_among(db, requests.c.id, ids), requests.c.status == QUEUED)
+            .values(
+                status=RUNNING,
+                lease_owner=owner,
+                lease_expires_at=now + lease_seconds,
+                attempts=requests.c.attempts + 1,
+                started_at=now,
+            )
+            .returning(
                 requests.c.id,
                 requests.c.batch_id,
                 requests.c.endpoint,
                 requests.c.priority,
                 requests.c.attempts,
                 requests.c.body,
-                file_lines.c.raw,
+                requests.c.file_id,
+                requests.c.line_no,
             )
-            .select_from(
-                requests.outerjoin(
-                    file_lines,
-                    and_(
-                        file_lines.c.file_id == requests.c.file_id,
-                        file_lines.c.line_no == requests.c.line_no,
-                    ),
-                )
-            )
-            .where(requests.c.id.in_(got))
         ).all()
+        lines = _input_lines(conn, [(r.file_id, r.line_no) for r in rows if r.body is None])
     return [
         Claimed(
             r.id,
@@ -108,11 +101,27 @@ def claim(db: Database, ids: Sequence[int], owner: str, lease_seconds: float) ->
             r.endpoint,
             r.priority,
             r.attempts,
-            r.body if r.body is not None else (r.raw or ""),
+            r.body if r.body is not None else lines.get((r.file_id, r.line_no), ""),
             r.body is None,
         )
         for r in rows
     ]
+
+
+def _input_lines(conn: Connection, keys: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+    """The raw input lines of file requests, looked up by primary key, file by file."""
+    by_file: dict[str, list[int]] = defaultdict(list)
+    for file_id, line_no in keys:
+        by_file[file_id].append(line_no)
+    out: dict[tuple[str, int], str] = {}
+    for file_id, line_nos in by_file.items():
+        for line_no, raw in conn.execute(
+            select(file_lines.c.line_no, file_lines.c.raw).where(
+                file_lines.c.file_id == file_id, file_lines.c.line_no.in_(line_nos)
+            )
+        ):
+            out[(file_id, line_no)] = raw or ""
+    return out
 
 
 _PG_WRITE = text("""
