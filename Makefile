@@ -57,10 +57,11 @@ vllm-check: venv  ## type-check the vllm engine against the pinned vLLM (no GPU 
 	@# --no-deps: only vLLM's own typed sources are needed, not its CUDA stack.
 	@$(PY) -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm') != '$(VLLM_VERSION)')" 2>/dev/null \
 		|| $(PY) -m pip install --quiet --no-deps 'vllm==$(VLLM_VERSION)'
-	$(PY) -m mypy worker/engines/vllm_engine.py
+	$(PY) -m mypy worker/engines/vllm_engine.py scripts/gpu-check
 
-gpu-check:  ## on a GPU host: real vLLM run of the target model (scripts/gpu-check)
-	PY=$(PY) ./scripts/gpu-check
+gpu-check:  ## on a GPU host with `pip install -e '.[vllm]'`: raw vLLM vs Sluice (scripts/gpu-check)
+	@# No `venv` dependency: that installs CPU torch 2.13, and vLLM pins its own torch.
+	$(PY) scripts/gpu-check $(GPU_CHECK_ARGS)
 
 clean:  ## remove caches and build output (keeps .venv and .sluice data)
 	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache bench/out

@@ -26,6 +26,8 @@ class Sampling:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # vLLM's extension: generate exactly max_tokens (benchmarks with fixed output lengths).
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,15 @@ def _seed(body: dict[str, Any]) -> int | None:
     return seed
 
 
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{name} must be true or false", param=name, code="invalid_value")
+    return value
+
+
 def parse_sampling(body: dict[str, Any]) -> Sampling:
     """Check the sampling fields of a body; raises InvalidInput naming the field."""
     n = body.get("n", 1)
@@ -107,6 +118,7 @@ def parse_sampling(body: dict[str, Any]) -> Sampling:
         seed=_seed(body),
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        ignore_eos=_flag(body, "ignore_eos"),
     )
 
 

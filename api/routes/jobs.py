@@ -47,6 +47,7 @@ class JobIn(BaseModel):
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    ignore_eos: bool | None = None
     n: int | None = None
     stream: bool | None = None
     user: str | None = None

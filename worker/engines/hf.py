@@ -181,6 +181,8 @@ class HFEngine(Engine):
             # Finished rows are filled with the first eos, so the first eos marks the end.
             "pad_token_id": self._eos_ids[0],
         }
+        if sampling.ignore_eos:
+            kwargs["min_new_tokens"] = sampling.max_tokens
         if sampling.temperature > 0:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=None)
         if sampling.stop:

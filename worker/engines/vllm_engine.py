@@ -60,6 +60,7 @@ def sampling_params(s: Sampling) -> SamplingParams:
         seed=s.seed,
         presence_penalty=s.presence_penalty,
         frequency_penalty=s.frequency_penalty,
+        ignore_eos=s.ignore_eos,
         # FINAL_ONLY: step() then skips building a RequestOutput per running request.
         output_kind=RequestOutputKind.FINAL_ONLY,
     )
