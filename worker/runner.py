@@ -79,8 +79,10 @@ class Runner:
         self._seq = itertools.count()
         self._tickets: dict[int, list[Ticket]] = {}
         self._inflight: dict[int, str] = {}  # request id -> batch id
-        self._inbox: queue.Queue[GenRequest | Abort | None] = queue.Queue()
-        self._results: queue.Queue[Result | None] = queue.Queue()
+        # Items travel in lists (one claim, one engine step): a queue operation per request
+        # costs more than the echo engine's whole work.
+        self._inbox: queue.Queue[list[GenRequest] | Abort | None] = queue.Queue()
+        self._results: queue.Queue[list[Result] | None] = queue.Queue()
         self._preparing = False  # the claimer is handing a claimed chunk to the engine
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -166,7 +168,9 @@ class Runner:
                 room = (
                     (self.engine.slots if busy == 0 else 0)
                     if self.batch_mode
-                    else self.target - busy
+                    # At most one engine-full per claim: the next claim then overlaps the
+                    # writer's commit instead of waiting for it.
+                    else min(self.target - busy, self.engine.slots)
                 )
                 if self._pending and room > 0:
                     ids: list[int] = []
@@ -197,17 +201,24 @@ class Runner:
                 self._settle(rid for rid in ids if rid not in got)
                 self._cv.notify_all()
             try:
-                for c in claimed:
-                    self._prepare(c)
+                self._prepare(claimed)
             finally:
                 with self._cv:
                     self._preparing = False
 
-    def _prepare(self, claimed: Claimed) -> None:
-        try:
-            self._inbox.put(to_gen_request(claimed, self.engine))
-        except RequestRejected as exc:
-            self._results.put(rejected_result(claimed.id, exc))
+    def _prepare(self, claimed: list[Claimed]) -> None:
+        """Validate and render; rejected requests go straight to the writer."""
+        ready: list[GenRequest] = []
+        rejected: list[Result] = []
+        for c in claimed:
+            try:
+                ready.append(to_gen_request(c, self.engine))
+            except RequestRejected as exc:
+                rejected.append(rejected_result(c.id, exc))
+        if ready:
+            self._inbox.put(ready)
+        if rejected:
+            self._results.put(rejected)
 
     # -- engine thread -------------------------------------------------------------------
     def _engine_loop(self) -> None:
@@ -248,56 +259,21 @@ class Runner:
         with self._cv:
             return self._inbox.empty() and not self._preparing
 
-    def _admit(self, item: GenRequest | Abort | None) -> bool:
+    def _admit(self, item: list[GenRequest] | Abort | None) -> bool:
         """Hand an item to the engine; True when it is the stop signal."""
         if item is None:
             return self._stop.is_set()
         if isinstance(item, Abort):
             self.engine.abort(item.ids)
         else:
-            self.engine.add(item)
+            for request in item:
+                self.engine.add(request)
         return False
 
     def _emit(self, outs: list[GenResult]) -> None:
-        t = now()
-        for o in outs:
-            if o.finish_reason == "abort":
-                res = Result(
-                    o.id,
-                    "cancelled",
-                    o.text,
-                    "abort",
-                    "batch_cancelled",
-                    "the batch was cancelled while this request ran",
-                    o.prompt_tokens,
-                    o.completion_tokens,
-                    t,
-                )
-            elif o.error:
-                res = Result(
-                    o.id,
-                    "failed",
-                    None,
-                    None,
-                    "engine_error",
-                    o.error,
-                    o.prompt_tokens,
-                    o.completion_tokens,
-                    t,
-                )
-            else:
-                res = Result(
-                    o.id,
-                    "succeeded",
-                    o.text,
-                    o.finish_reason,
-                    None,
-                    None,
-                    o.prompt_tokens,
-                    o.completion_tokens,
-                    t,
-                )
-            self._results.put(res)
+        if outs:
+            t = now()
+            self._results.put([to_result(o, t) for o in outs])
 
     # -- writer ---------------------------------------------------------------------------
     def _write_loop(self) -> None:
@@ -306,7 +282,7 @@ class Runner:
             first = self._results.get()
             if first is None:
                 return
-            batch = [first]
+            batch = list(first)
             while len(batch) < limit:
                 try:
                     nxt = self._results.get_nowait()
@@ -315,7 +291,7 @@ class Runner:
                 if nxt is None:
                     self._results.put(None)
                     break
-                batch.append(nxt)
+                batch.extend(nxt)
             finished = _retry(work.write_results, self.db, self.owner, batch)
             with self._cv:
                 for r in batch:
@@ -333,6 +309,45 @@ class Runner:
                 ticket.remaining.discard(rid)
                 if not ticket.remaining:
                     ticket.done.set()
+
+
+def to_result(out: GenResult, finished_at: float) -> Result:
+    """The stored form of an engine result."""
+    if out.finish_reason == "abort":
+        return Result(
+            out.id,
+            "cancelled",
+            out.text,
+            "abort",
+            "batch_cancelled",
+            "the batch was cancelled while this request ran",
+            out.prompt_tokens,
+            out.completion_tokens,
+            finished_at,
+        )
+    if out.error:
+        return Result(
+            out.id,
+            "failed",
+            None,
+            None,
+            "engine_error",
+            out.error,
+            out.prompt_tokens,
+            out.completion_tokens,
+            finished_at,
+        )
+    return Result(
+        out.id,
+        "succeeded",
+        out.text,
+        out.finish_reason,
+        None,
+        None,
+        out.prompt_tokens,
+        out.completion_tokens,
+        finished_at,
+    )
 
 
 def _retry(call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

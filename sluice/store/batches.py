@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, func, insert, literal, select, update
+from sqlalchemy import Connection, RowMapping, func, insert, literal, select, text, update
 
 from sluice.db import Database
 from sluice.errors import Conflict, InvalidInput, NotFound
@@ -137,6 +137,13 @@ def _line_errors(
     return errs
 
 
+def _refresh_statistics(db: Database, conn: Connection, table: str) -> None:
+    """ANALYZE after a bulk insert (PostgreSQL): with stale statistics the planner takes a
+    50,000-row file for a few rows and scans it on every claim (90 ms instead of 6 ms)."""
+    if db.is_postgres:
+        conn.execute(text(f"ANALYZE {table}"))
+
+
 def create_batch(
     db: Database,
     *,
@@ -166,6 +173,7 @@ def create_batch(
                 f"file {input_file_id} has purpose {f.purpose!r}, not 'batch'",
                 param="input_file_id",
             )
+        _refresh_statistics(db, conn, "file_lines")
         errs = _line_errors(conn, input_file_id, endpoint, accepted_models)
         if f.line_count == 0:
             errs.append(
@@ -252,6 +260,7 @@ def create_batch(
                 .order_by(fl.line_no),
             )
         )
+        _refresh_statistics(db, conn, "requests")
         ids = (
             conn.execute(
                 select(requests.c.id).where(requests.c.batch_id == batch_id).order_by(requests.c.id)

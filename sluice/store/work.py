@@ -57,11 +57,22 @@ class Result:
     finished_at: float = 0.0
 
 
-def _among(db: Database, column: Any, ids: Sequence[int]) -> Any:
-    """`column IN ids`; on PostgreSQL one array parameter, so the statement text is stable."""
+def _among(db: Database, column: Any, values: Sequence[int]) -> Any:
+    """`column IN values`; on PostgreSQL one array parameter, so the statement text (and
+    psycopg's parsed query cache) stays the same whatever the number of values."""
     if db.is_postgres:
-        return column == any_(bindparam("id_array", list(ids), type_=ARRAY(BigInteger)))
-    return column.in_(list(ids))
+        name = f"{column.name}_array"
+        return column == any_(bindparam(name, list(values), type_=ARRAY(BigInteger)))
+    return column.in_(list(values))
+
+
+# PostgreSQL reads a file request's input line in the claim's own RETURNING (one round trip).
+_input_line = (
+    select(file_lines.c.raw)
+    .where(file_lines.c.file_id == requests.c.file_id, file_lines.c.line_no == requests.c.line_no)
+    .scalar_subquery()
+    .label("raw")
+)
 
 
 def claim(db: Database, ids: Sequence[int], owner: str, lease_seconds: float) -> list[Claimed]:
@@ -91,9 +102,13 @@ def claim(db: Database, ids: Sequence[int], owner: str, lease_seconds: float) ->
                 requests.c.body,
                 requests.c.file_id,
                 requests.c.line_no,
+                *([_input_line] if db.is_postgres else []),
             )
         ).all()
-        lines = _input_lines(conn, [(r.file_id, r.line_no) for r in rows if r.body is None])
+        if db.is_postgres:
+            lines = {(r.file_id, r.line_no): r.raw or "" for r in rows if r.body is None}
+        else:
+            lines = _input_lines(conn, [(r.file_id, r.line_no) for r in rows if r.body is None])
     return [
         Claimed(
             r.id,
@@ -109,7 +124,7 @@ def claim(db: Database, ids: Sequence[int], owner: str, lease_seconds: float) ->
 
 
 def _input_lines(conn: Connection, keys: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
-    """The raw input lines of file requests, looked up by primary key, file by file."""
+    """SQLite: the raw input lines of file requests, by primary key, file by file."""
     by_file: dict[str, list[int]] = defaultdict(list)
     for file_id, line_no in keys:
         by_file[file_id].append(line_no)
@@ -138,7 +153,8 @@ FROM (SELECT unnest(CAST(:ids AS bigint[])) AS id, unnest(CAST(:status AS text[]
              unnest(CAST(:prompt_tokens AS int[])) AS prompt_tokens,
              unnest(CAST(:completion_tokens AS int[])) AS completion_tokens,
              unnest(CAST(:finished_at AS float8[])) AS finished_at) AS v
-WHERE r.id = v.id
+WHERE r.id = v.id AND r.lease_owner = :owner AND r.status = 'running'
+RETURNING r.id, r.batch_id
 """)
 
 _FIELDS = (
@@ -161,33 +177,43 @@ def write_results(db: Database, owner: str, results: Sequence[Result]) -> list[s
     if not results:
         return []
     with db.write() as conn:
-        held_q = select(requests.c.id, requests.c.batch_id).where(
-            requests.c.id.in_([r.id for r in results]),
-            requests.c.lease_owner == owner,
-            requests.c.status == RUNNING,
-        )
         if db.is_postgres:
-            held_q = held_q.with_for_update()
-        held = {row[0]: row[1] for row in conn.execute(held_q)}
-        mine = [r for r in results if r.id in held]
-        if not mine:
-            return []
-        if db.is_postgres:
-            params = {"ids": [r.id for r in mine]}
+            # One statement: the lease check, the write and the list of rows written.
+            params: dict[str, Any] = {"owner": owner, "ids": [r.id for r in results]}
             for f in _FIELDS:
-                params[f] = [getattr(r, f) for r in mine]
-            conn.execute(_PG_WRITE, params)
+                params[f] = [getattr(r, f) for r in results]
+            held = {row[0]: row[1] for row in conn.execute(_PG_WRITE, params)}
         else:
-            conn.execute(
-                update(requests)
-                .where(requests.c.id == bindparam("rid"))
-                .values(**{f: bindparam(f) for f in _FIELDS}, lease_expires_at=None),
-                [{"rid": r.id, **{f: getattr(r, f) for f in _FIELDS}} for r in mine],
-            )
+            held = _write_sqlite(conn, owner, results)
         outcomes = [
-            Outcome(held[r.id], r.status, r.prompt_tokens, r.completion_tokens) for r in mine
+            Outcome(held[r.id], r.status, r.prompt_tokens, r.completion_tokens)
+            for r in results
+            if r.id in held
         ]
-        return account(conn, tally(outcomes))
+        return account(conn, tally(outcomes)) if outcomes else []
+
+
+def _write_sqlite(conn: Connection, owner: str, results: Sequence[Result]) -> dict[int, str]:
+    """SQLite: find the rows still held (the write lock is already ours), then update them."""
+    held = {
+        row[0]: row[1]
+        for row in conn.execute(
+            select(requests.c.id, requests.c.batch_id).where(
+                requests.c.id.in_([r.id for r in results]),
+                requests.c.lease_owner == owner,
+                requests.c.status == RUNNING,
+            )
+        )
+    }
+    mine = [r for r in results if r.id in held]
+    if mine:
+        conn.execute(
+            update(requests)
+            .where(requests.c.id == bindparam("rid"))
+            .values(**{f: bindparam(f) for f in _FIELDS}, lease_expires_at=None),
+            [{"rid": r.id, **{f: getattr(r, f) for f in _FIELDS}} for r in mine],
+        )
+    return held
 
 
 def requeue_expired_leases(
