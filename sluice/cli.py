@@ -231,6 +231,8 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sluice` console script."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # One line per HTTP call would bury `sluice run`'s progress bar.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         settings = get_settings()
     except SluiceError as exc:
