@@ -133,3 +133,66 @@ def test_bad_setting_fails_at_start_naming_it(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "SLUICE_MAX_NUM_SEQS" in done.stderr
+
+
+def test_batches_commands_against_a_running_sluice(tmp_path: Path) -> None:
+    from sluice.config import load_settings
+    from sluice.stack import Stack
+
+    env = _env(tmp_path)
+    stack = Stack(
+        load_settings(data_dir=tmp_path),
+        "127.0.0.1",
+        free_port(),
+        quiet=True,
+        env={"SLUICE_ENGINE": "echo"},
+    )
+    try:
+        stack.start()
+        src = tmp_path / "in.jsonl"
+        src.write_text(json.dumps({"prompt": "listed later", "max_tokens": 2}) + "\n")
+        run = subprocess.run(
+            [*SLUICE, "run", str(src), "-o", str(tmp_path / "o.jsonl"), "--url", stack.url],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 0, run.stderr
+        listed = subprocess.run(
+            [*SLUICE, "batches", "list", "--url", stack.url],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert listed.returncode == 0, listed.stderr
+        batch_id = listed.stdout.split()[0]
+        assert batch_id.startswith("batch_") and "completed" in listed.stdout
+        got = subprocess.run(
+            [*SLUICE, "batches", "get", batch_id, "--url", stack.url],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert json.loads(got.stdout)["request_counts"]["completed"] == 1
+        results = subprocess.run(
+            [*SLUICE, "batches", "results", batch_id, "--url", stack.url],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        line = json.loads(results.stdout)
+        assert line["response"]["body"]["choices"][0]["text"] == "listed later"
+        cancel = subprocess.run(
+            [*SLUICE, "batches", "cancel", batch_id, "--url", stack.url],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert cancel.returncode == 1 and "409" in cancel.stderr
+    finally:
+        stack.stop()
