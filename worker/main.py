@@ -17,6 +17,7 @@ from worker.engines import load_engine
 from worker.listener import CancelListener
 from worker.reconciler import Reconciler
 from worker.runner import Runner
+from worker.stats import StatsPublisher
 
 log = logging.getLogger("sluice.worker")
 
@@ -41,10 +42,12 @@ def run_worker(settings: Settings, redis_url: str, loglevel: str = "INFO") -> No
         settings, db, app, client, owner, runner.inflight_ids, runner.abort, announce
     )
     listener = CancelListener(client, runner.abort_batch)
+    stats = StatsPublisher(client, owner, engine, runner)
     set_runner(runner)
     runner.start()
     reconciler.start()
     listener.start()
+    stats.start()
     model = settings.served_model
     worker = app.Worker(
         pool="threads",
@@ -61,6 +64,8 @@ def run_worker(settings: Settings, redis_url: str, loglevel: str = "INFO") -> No
         listener.stop()
         reconciler.stop()
         runner.stop()
+        # After the runner: the last publish includes the last writes.
+        stats.stop()
         set_runner(None)
         engine.close()
         db.dispose()
