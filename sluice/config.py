@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(600.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     reconcile_interval: float = Field(5.0, gt=0)
-    republish_after: float = Field(300.0, gt=0)
+    idle_poll: float = Field(1.0, gt=0)
     visibility_timeout: int = Field(43_200, ge=60)
 
     # Worker feeding

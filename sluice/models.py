@@ -141,7 +141,8 @@ class Request(Base):
     __table_args__ = (
         UniqueConstraint("batch_id", "custom_id"),
         Index("ix_requests_batch_line", "batch_id", "line_no"),
-        Index("ix_requests_status_queued", "status", "queued_at"),
+        # Claims: the next queued rows of a model, interactive first.
+        Index("ix_requests_claim", "status", "model", "priority", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

@@ -72,9 +72,8 @@ class Reconciler:
         if not self.redis.set(RECONCILE_LOCK, self.owner, nx=True, px=max(lock_ms, 100)):
             return
         requeued, finished = work.requeue_expired_leases(self.db, self.settings.max_attempts)
-        stale = work.stale_queued(self.db, self.settings.republish_after)
         finished += work.expire_batches(self.db)
-        self._republish(requeued + stale)
+        self._republish(requeued)
         if finished:
             self.on_finished(finished)
 

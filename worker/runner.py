@@ -26,6 +26,7 @@ from sluice.config import Settings
 from sluice.db import Database
 from sluice.errors import RequestRejected
 from sluice.ids import now
+from sluice.models import INTERACTIVE
 from sluice.store import work
 from sluice.store.work import Claimed, Result
 from worker.engines.base import Engine, GenRequest, GenResult
@@ -84,6 +85,8 @@ class Runner:
         self._inbox: queue.Queue[list[GenRequest] | Abort | None] = queue.Queue()
         self._results: queue.Queue[list[Result] | None] = queue.Queue()
         self._preparing = False  # the claimer is handing a claimed chunk to the engine
+        self._next_poll = 0.0  # when the claimer next looks for unnamed queued rows
+        self._more_in_db = False  # the last look found a full claim: look again at once
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.completed = 0
@@ -160,51 +163,90 @@ class Runner:
         return run
 
     # -- claimer ------------------------------------------------------------------------
-    def _take(self) -> list[int]:
-        """Wait for room and pending ids; pop the next ones, interactive first."""
+    def _room(self) -> int:
+        """How many more requests to claim now (caller holds the lock)."""
+        busy = len(self._inflight)
+        if self.batch_mode:
+            return self.engine.slots if busy == 0 else 0
+        # At most one engine-full per claim: the next claim then overlaps the writer's commit.
+        return min(self.target - busy, self.engine.slots)
+
+    def _wait_for_room(self) -> int:
+        """Block until there is room and named ids wait or the database is due a look."""
         with self._cv:
             while not self._stop.is_set():
-                busy = len(self._inflight)
-                room = (
-                    (self.engine.slots if busy == 0 else 0)
-                    if self.batch_mode
-                    # At most one engine-full per claim: the next claim then overlaps the
-                    # writer's commit instead of waiting for it.
-                    else min(self.target - busy, self.engine.slots)
-                )
-                if self._pending and room > 0:
-                    ids: list[int] = []
-                    while self._pending and len(ids) < room:
-                        _, _, rid = heapq.heappop(self._pending)
-                        self._queued_ids.discard(rid)
-                        ids.append(rid)
-                    for rid in ids:
-                        self._inflight[rid] = ""
+                room = self._room()
+                if room > 0 and (self._pending or self._poll_due()):
                     self._preparing = True
-                    return ids
-                self._cv.wait()
-        return []
+                    return room
+                timeout = max(0.0, self._next_poll - time.monotonic()) if room > 0 else None
+                self._cv.wait(timeout)
+        return 0
+
+    def _poll_due(self) -> bool:
+        return self._more_in_db or time.monotonic() >= self._next_poll
+
+    def _pop_pending(self, room: int) -> list[int]:
+        """Next named ids, interactive first (caller holds the lock)."""
+        ids: list[int] = []
+        while self._pending and len(ids) < room:
+            _, _, rid = heapq.heappop(self._pending)
+            self._queued_ids.discard(rid)
+            if rid not in self._inflight:  # else claimed from the database; settles on write
+                ids.append(rid)
+        for rid in ids:
+            self._inflight[rid] = ""
+        return ids
+
+    def _hold(self, claimed: list[Claimed]) -> None:
+        with self._cv:
+            for c in claimed:
+                self._inflight[c.id] = c.batch_id
 
     def _claim_loop(self) -> None:
         while not self._stop.is_set():
-            ids = self._take()
-            if not ids:
+            room = self._wait_for_room()
+            if room <= 0:
                 continue
-            claimed = _retry(work.claim, self.db, ids, self.owner, self.settings.lease_seconds)
-            got = {c.id for c in claimed}
+            try:
+                self._prepare(self._claim_round(room))
+            finally:
+                with self._cv:
+                    self._preparing = False
+                    self._cv.notify_all()
+
+    def _claim_round(self, room: int) -> list[Claimed]:
+        """One claim: queued interactive rows, then the ids messages named, else any rows."""
+        s, model = self.settings, self.settings.served_model
+        # Interactive rows come straight from the database: their message may still wait
+        # behind the bulk messages this worker holds.
+        claimed = _retry(
+            work.claim_next, self.db, model, self.owner, s.lease_seconds, room, INTERACTIVE
+        )
+        self._hold(claimed)
+        room -= len(claimed)
+        with self._cv:
+            ids = self._pop_pending(room)
+        if ids:
+            named = _retry(work.claim, self.db, ids, self.owner, s.lease_seconds)
+            got = {c.id for c in named}
             with self._cv:
-                for c in claimed:
+                for c in named:
                     self._inflight[c.id] = c.batch_id
                 for rid in ids:
                     if rid not in got:
                         del self._inflight[rid]
                 self._settle(rid for rid in ids if rid not in got)
-                self._cv.notify_all()
-            try:
-                self._prepare(claimed)
-            finally:
-                with self._cv:
-                    self._preparing = False
+            claimed += named
+        elif room > 0 and self._poll_due():
+            # Nothing named here: take this model's queued rows whoever holds their message
+            # (another worker's backlog, a lost message, a worker that just joined).
+            taken = _retry(work.claim_next, self.db, model, self.owner, s.lease_seconds, room)
+            self._more_in_db = len(taken) == room
+            self._next_poll = time.monotonic() + s.idle_poll
+            self._hold(taken)
+            claimed += taken
+        return claimed
 
     def _prepare(self, claimed: list[Claimed]) -> None:
         """Validate and render; rejected requests go straight to the writer."""

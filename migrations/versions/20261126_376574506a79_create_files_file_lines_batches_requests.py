@@ -131,13 +131,15 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("requests", schema=None) as batch_op:
         batch_op.create_index("ix_requests_batch_line", ["batch_id", "line_no"], unique=False)
-        batch_op.create_index("ix_requests_status_queued", ["status", "queued_at"], unique=False)
+        batch_op.create_index(
+            "ix_requests_claim", ["status", "model", "priority", "id"], unique=False
+        )
 
 
 def downgrade() -> None:
     """Drop the four tables."""
     with op.batch_alter_table("requests", schema=None) as batch_op:
-        batch_op.drop_index("ix_requests_status_queued")
+        batch_op.drop_index("ix_requests_claim")
         batch_op.drop_index("ix_requests_batch_line")
 
     op.drop_table("requests")

@@ -76,16 +76,43 @@ _input_line = (
 
 
 def claim(db: Database, ids: Sequence[int], owner: str, lease_seconds: float) -> list[Claimed]:
-    """Lease the still-queued rows among ids; rows another worker holds are skipped."""
+    """Lease the still-queued rows among ids (named by a message); others are skipped."""
     if not ids:
         return []
+    return _claim(db, _among(db, requests.c.id, ids), owner, lease_seconds)
+
+
+def claim_next(
+    db: Database,
+    model: str,
+    owner: str,
+    lease_seconds: float,
+    limit: int,
+    priority: int | None = None,
+) -> list[Claimed]:
+    """Lease the next queued rows of a model, interactive first, whichever message named them.
+
+    Lets a worker serve a job whose message waits behind bulk messages, take work another
+    worker holds messages for but has not claimed, and pick up rows whose message was lost.
+    """
+    pick = select(requests.c.id).where(requests.c.status == QUEUED, requests.c.model == model)
+    if priority is not None:
+        pick = pick.where(requests.c.priority == priority)
+    pick = pick.order_by(requests.c.priority, requests.c.id).limit(limit)
+    if db.is_postgres:
+        # Two workers picking at once each get different rows instead of queueing on locks.
+        pick = pick.with_for_update(skip_locked=True)
+    return _claim(db, requests.c.id.in_(pick.scalar_subquery()), owner, lease_seconds)
+
+
+def _claim(db: Database, which: Any, owner: str, lease_seconds: float) -> list[Claimed]:
     now = clock()
     with db.write() as conn:
         # status='queued' in the WHERE is the whole guard: a duplicate message or a second
         # worker finds nothing left to claim (PostgreSQL rechecks it after the row lock).
         rows = conn.execute(
             update(requests)
-            .where(_among(db, requests.c.id, ids), requests.c.status == QUEUED)
+            .where(which, requests.c.status == QUEUED)
             .values(
                 status=RUNNING,
                 lease_owner=owner,
@@ -272,29 +299,6 @@ def requeue_expired_leases(
         outcomes += [Outcome(b, FAILED) for b in poisoned]
         finished = account(conn, tally(outcomes)) if outcomes else []
     return [(r.id, r.model, r.priority) for r in requeued], finished
-
-
-def stale_queued(
-    db: Database, older_than: float, limit: int = 100_000
-) -> list[tuple[int, str, int]]:
-    """Queued rows whose message may be lost; their clock restarts so each is sent once."""
-    now = clock()
-    with db.write() as conn:
-        rows = conn.execute(
-            select(requests.c.id, requests.c.model, requests.c.priority)
-            .where(requests.c.status == QUEUED, requests.c.queued_at < now - older_than)
-            .order_by(requests.c.id)
-            .limit(limit)
-        ).all()
-        if rows:
-            ids = [r[0] for r in rows]
-            for start in range(0, len(ids), 10_000):
-                conn.execute(
-                    update(requests)
-                    .where(requests.c.id.in_(ids[start : start + 10_000]))
-                    .values(queued_at=now)
-                )
-    return [(r.id, r.model, r.priority) for r in rows]
 
 
 def expire_batches(db: Database) -> list[str]:
