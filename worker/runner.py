@@ -26,7 +26,7 @@ from sluice.config import Settings
 from sluice.db import Database
 from sluice.errors import RequestRejected
 from sluice.ids import now
-from sluice.models import INTERACTIVE
+from sluice.models import BULK, INTERACTIVE
 from sluice.store import work
 from sluice.store.work import Claimed, Result
 from worker.engines.base import Engine, GenRequest, GenResult
@@ -87,6 +87,7 @@ class Runner:
         self._preparing = False  # the claimer is handing a claimed chunk to the engine
         self._next_poll = 0.0  # when the claimer next looks for unnamed queued rows
         self._more_in_db = False  # the last look found a full claim: look again at once
+        self._steal_after = 0  # bulk rows below this id were looked at already
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.completed = 0
@@ -241,8 +242,19 @@ class Runner:
         elif room > 0 and self._poll_due():
             # Nothing named here: take this model's queued rows whoever holds their message
             # (another worker's backlog, a lost message, a worker that just joined).
-            taken = _retry(work.claim_next, self.db, model, self.owner, s.lease_seconds, room)
+            taken = _retry(
+                work.claim_next,
+                self.db,
+                model,
+                self.owner,
+                s.lease_seconds,
+                room,
+                BULK,
+                self._steal_after,
+            )
             self._more_in_db = len(taken) == room
+            # Continue after the last row taken; start over once the queue looks drained.
+            self._steal_after = max(c.id for c in taken) if self._more_in_db else 0
             self._next_poll = time.monotonic() + s.idle_poll
             self._hold(taken)
             claimed += taken

@@ -88,17 +88,27 @@ def claim_next(
     owner: str,
     lease_seconds: float,
     limit: int,
-    priority: int | None = None,
+    priority: int,
+    after: int = 0,
 ) -> list[Claimed]:
-    """Lease the next queued rows of a model, interactive first, whichever message named them.
+    """Lease the next queued rows of a model and priority, whichever message named them.
 
     Lets a worker serve a job whose message waits behind bulk messages, take work another
     worker holds messages for but has not claimed, and pick up rows whose message was lost.
+    `after` skips ids below a mark: claimed rows leave dead index entries behind that every
+    scan from the start would walk again.
     """
-    pick = select(requests.c.id).where(requests.c.status == QUEUED, requests.c.model == model)
-    if priority is not None:
-        pick = pick.where(requests.c.priority == priority)
-    pick = pick.order_by(requests.c.priority, requests.c.id).limit(limit)
+    pick = (
+        select(requests.c.id)
+        .where(
+            requests.c.status == QUEUED,
+            requests.c.model == model,
+            requests.c.priority == priority,
+            requests.c.id > after,
+        )
+        .order_by(requests.c.id)
+        .limit(limit)
+    )
     if db.is_postgres:
         # Two workers picking at once each get different rows instead of queueing on locks.
         pick = pick.with_for_update(skip_locked=True)
