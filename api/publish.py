@@ -1,7 +1,7 @@
 """Wake-ups after a commit: queue messages for new requests, cancel notices for workers.
 
 The rows are already committed when these run, so a Redis outage must not fail the
-request: the worker's reconciler republishes rows that stay queued.
+request: idle workers claim rows that stay queued straight from the database.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ async def publish_created(celery: Celery, settings: Settings, created: Created) 
         )
     except Exception as exc:
         log.warning(
-            "could not publish %d requests of %s (%s); the reconciler will republish them",
+            "could not publish %d requests of %s (%s); idle workers claim them from the database",
             len(created.request_ids),
             created.batch_id,
             exc,

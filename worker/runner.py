@@ -2,9 +2,11 @@
 
 Celery task threads hand request ids to `submit()` and wait on a Ticket. The claimer leases
 rows in the database while fewer than `inflight_target` are in flight (about 2x the engine's
-slots), the engine thread only adds and steps, and the writer commits results in bulk. A
-ticket completes when every id it named is committed by this worker or was not claimable
-(finished already, or leased by another worker), so the message is acked after the commit.
+slots): the model's queued interactive rows first, then the ids messages named, else any
+queued rows of the model. The engine thread only adds and steps, and the writer commits
+results in bulk. A ticket completes when every id it named is committed by this worker or was
+not claimable (finished already, or leased by another worker), so the message is acked after
+the commit.
 """
 
 from __future__ import annotations

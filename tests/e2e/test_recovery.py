@@ -28,7 +28,6 @@ def sluice(backend: str, tmp_path: Path) -> Iterator[Running]:
         SLUICE_SIM_DECODE_PER_SEQ="0",
         SLUICE_LEASE_SECONDS="1.5",
         SLUICE_RECONCILE_INTERVAL="0.2",
-        SLUICE_REPUBLISH_AFTER="2",
     )
 
 
