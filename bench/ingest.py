@@ -43,6 +43,7 @@ from sluice.migrate import upgrade
 from sluice.models import BULK, IN_PROGRESS, QUEUED, batches, requests
 from sluice.queue import queue_name
 from sluice.redis_server import ensure_redis
+from sluice.scratch import scratch_database
 from sluice.stack import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,19 +99,9 @@ def fresh_database(kind: str, work: Path, pg_url: str) -> Iterator[str]:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return
-    admin = create_engine(
-        make_url(pg_url).set(drivername="postgresql+psycopg"), isolation_level="AUTOCOMMIT"
-    )
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(pg_url).set(database=name).render_as_string(hide_password=False)
-    try:
+    with scratch_database(pg_url, "sluice_bench") as url:
         upgrade(url)
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @contextmanager

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,9 @@ import yaml
 from sluice.config import load_settings
 from sluice.queue import broker_url
 from sluice.redis_server import ensure_redis
+from sluice.scratch import scratch_database
 from sluice.stack import free_port
-from tests.e2e.conftest import PG_URL, REDIS_URL, _fresh_pg_database
+from tests.e2e.conftest import PG_URL, REDIS_URL
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -52,9 +54,9 @@ def _native(cmd: list[str], port: int | None = None, broker: str | None = None) 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """The compose environment, pointed at this machine's database and Redis."""
-    drop = None
+    cleanup = ExitStack()
     if PG_URL and REDIS_URL:
-        db_url, drop = _fresh_pg_database(PG_URL)
+        db_url = cleanup.enter_context(scratch_database(PG_URL, "sluice_test"))
         redis_url, handle = REDIS_URL, None
     else:
         db_url = f"sqlite:///{tmp_path / 'sluice.db'}"
@@ -75,8 +77,7 @@ def env(tmp_path: Path) -> Iterator[dict[str, Any]]:
     yield values
     if handle:
         handle.stop()
-    if drop:
-        drop()
+    cleanup.close()
 
 
 def test_compose_services_run_natively(env: dict[str, Any], tmp_path: Path) -> None:

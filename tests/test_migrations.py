@@ -6,7 +6,6 @@ import multiprocessing
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,11 +13,12 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, insert, inspect, select, text
+from sqlalchemy import create_engine, insert, inspect, select
 from sqlalchemy.engine import make_url
 
 from sluice import migrate
 from sluice.models import Base, Batch, Request
+from sluice.scratch import scratch_database
 
 REPO = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("SLUICE_TEST_DATABASE_URL", "")
@@ -30,16 +30,8 @@ def pg_database() -> Iterator[str]:
     """A uniquely named, empty PostgreSQL database, dropped afterwards."""
     if not HAVE_PG:
         pytest.skip("SLUICE_TEST_DATABASE_URL names no postgresql server")
-    admin = create_engine(migrate.sqlalchemy_url(PG_URL), isolation_level="AUTOCOMMIT")
-    name = f"sluice_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_database(PG_URL, "sluice_test") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -16,26 +16,18 @@ import httpx
 import pytest
 import redis
 import uvicorn
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from api.app import create_app
 from sluice.config import Settings, load_settings
 from sluice.db import Database, get_database
 from sluice.redis_server import ensure_redis
+from sluice.scratch import scratch_database
 from tests.api.helpers import Api
 
 PG_URL = os.environ.get("SLUICE_TEST_DATABASE_URL", "")
 REDIS_URL = os.environ.get("SLUICE_TEST_REDIS_URL", "")
 BACKENDS = ["sqlite", *(["postgresql"] if PG_URL.startswith("postgresql") else [])]
 START_TIMEOUT = 30.0
-
-
-def _pg_admin_url() -> str:
-    parsed = make_url(PG_URL)
-    if parsed.drivername == "postgresql":
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    return parsed.render_as_string(hide_password=False)
 
 
 def _migrate(url: str) -> None:
@@ -61,18 +53,9 @@ def database_url(
         _migrate(url)
         yield url
         return
-    admin = create_engine(_pg_admin_url(), isolation_level="AUTOCOMMIT")
-    name = f"sluice_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    try:
+    with scratch_database(PG_URL, "sluice_test") as url:
         _migrate(url)
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(scope="session")

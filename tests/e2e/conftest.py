@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,10 +14,9 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from sluice.config import Settings, load_settings
+from sluice.scratch import scratch_database
 from sluice.stack import Stack, free_port
 
 PG_URL = os.environ.get("SLUICE_TEST_DATABASE_URL")
@@ -79,29 +78,13 @@ class Running:
         return [json.loads(x) for x in r.text.splitlines() if x]
 
 
-def _fresh_pg_database(base: str) -> tuple[str, Callable[[], None]]:
-    """A new, empty PostgreSQL database on the test server, and its dropper."""
-    name = f"sluice_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(base).set(database=name).render_as_string(hide_password=False)
-
-    def drop() -> None:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-    return url, drop
-
-
 def start_stack(backend: str, data_dir: Path, **env: str) -> Iterator[Running]:
     """Start API + worker on the backend; yields a Running; stops everything after."""
-    drop: Callable[[], None] = lambda: None  # noqa: E731
+    cleanup = ExitStack()
     overrides: dict[str, Any] = {"data_dir": data_dir}
     if backend == "postgres":
         assert PG_URL and REDIS_URL
-        overrides["database_url"], drop = _fresh_pg_database(PG_URL)
+        overrides["database_url"] = cleanup.enter_context(scratch_database(PG_URL, "sluice_test"))
         overrides["redis_url"] = REDIS_URL
         redis.Redis.from_url(REDIS_URL).flushdb()
     env_all = {"SLUICE_ENGINE": "echo", **env}
@@ -115,7 +98,7 @@ def start_stack(backend: str, data_dir: Path, **env: str) -> Iterator[Running]:
             yield Running(stack, settings, http, redis.Redis.from_url(stack.redis.url), backend)
     finally:
         stack.stop()
-        drop()
+        cleanup.close()
 
 
 @pytest.fixture(params=BACKENDS, scope="module")

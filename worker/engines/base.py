@@ -43,15 +43,20 @@ class Engine(ABC):
 
     name: str = "engine"
 
-    @property
-    @abstractmethod
-    def slots(self) -> int:
-        """How many sequences the engine runs at once (vLLM's max_num_seqs)."""
+    # Set by each engine's __init__: slots from settings.max_num_seqs, the context length
+    # from settings.max_model_len as the model permits.
+    _slots: int
+    _max_model_len: int
 
     @property
-    @abstractmethod
+    def slots(self) -> int:
+        """How many sequences the engine runs at once (vLLM's max_num_seqs)."""
+        return self._slots
+
+    @property
     def max_model_len(self) -> int:
         """Context length: prompt tokens plus max_tokens must fit."""
+        return self._max_model_len
 
     @abstractmethod
     def render_chat(self, messages: list[dict[str, Any]]) -> str:

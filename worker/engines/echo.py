@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from sluice.config import Settings
-from worker.engines.base import Engine, GenRequest, GenResult
-from worker.engines.text import WaitQueue, context_error, count_words, echo_output, render_chat
+from worker.engines.base import GenRequest, GenResult
+from worker.engines.text import PlainTextEngine, WaitQueue, context_error, echo_output
 
 
-class EchoEngine(Engine):
+class EchoEngine(PlainTextEngine):
     """Returns each prompt's words (cut to max_tokens and at stop strings) on the next step."""
 
     name = "echo"
@@ -19,24 +17,6 @@ class EchoEngine(Engine):
         self._max_model_len = settings.max_model_len
         self._waiting: WaitQueue[GenRequest] = WaitQueue()
         self._done: list[GenResult] = []  # aborted or rejected, returned by the next step
-
-    @property
-    def slots(self) -> int:
-        """Sequences per step (settings.max_num_seqs); echo finishes them all at once."""
-        return self._slots
-
-    @property
-    def max_model_len(self) -> int:
-        """Context length from settings.max_model_len."""
-        return self._max_model_len
-
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        """The plain '<|role|>' template."""
-        return render_chat(messages)
-
-    def count_tokens(self, text: str) -> int:
-        """Whitespace-separated words."""
-        return count_words(text)
 
     def _prompt_tokens(self, request: GenRequest) -> int:
         if request.prompt_token_ids is not None:

@@ -75,16 +75,6 @@ class HFEngine(Engine):
             raise ConfigError(f"model {self.model.name_or_path!r} defines no eos token")
         return [int(i) for i in found]
 
-    @property
-    def slots(self) -> int:
-        """Most requests per generate() call (settings.max_num_seqs)."""
-        return self._slots
-
-    @property
-    def max_model_len(self) -> int:
-        """settings.max_model_len, capped by the model's max_position_embeddings."""
-        return self._max_model_len
-
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
         """The tokenizer's chat template, with the generation prompt."""
         rendered = self.tokenizer.apply_chat_template(

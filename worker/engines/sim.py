@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from sluice.config import Settings
-from worker.engines.base import Engine, GenRequest, GenResult
+from worker.engines.base import GenRequest, GenResult
 from worker.engines.meter import OccupancyMeter
-from worker.engines.text import WaitQueue, context_error, count_words, render_chat, sim_output
+from worker.engines.text import PlainTextEngine, WaitQueue, context_error, sim_output
 
 
 @dataclass
@@ -31,7 +30,7 @@ class _Seq:
     generated: int = 0
 
 
-class SimEngine(Engine):
+class SimEngine(PlainTextEngine):
     """A simulated continuous-batching device; `meter` reports how full it was kept."""
 
     name = "sim"
@@ -46,24 +45,6 @@ class SimEngine(Engine):
         self._running: dict[int, _Seq] = {}
         self._done: list[GenResult] = []  # aborted or rejected, returned by the next step
         self.meter = OccupancyMeter(self._slots)
-
-    @property
-    def slots(self) -> int:
-        """Sequences decoded together (settings.max_num_seqs)."""
-        return self._slots
-
-    @property
-    def max_model_len(self) -> int:
-        """Context length from settings.max_model_len."""
-        return self._max_model_len
-
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        """The plain '<|role|>' template."""
-        return render_chat(messages)
-
-    def count_tokens(self, text: str) -> int:
-        """Whitespace-separated words."""
-        return count_words(text)
 
     def busy_slots(self) -> int:
         """Sequences holding a slot now."""

@@ -7,6 +7,8 @@ import itertools
 from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
+from worker.engines.base import Engine
+
 T = TypeVar("T")
 
 # Used when a prompt has no words, so sim still has something to "generate".
@@ -126,3 +128,15 @@ class WaitQueue(Generic[T]):
     def in_order(self) -> list[T]:
         """All waiting items in admission order, left in the queue."""
         return [self._items[e[2]][1] for e in sorted(self._heap) if self._live(e)]
+
+
+class PlainTextEngine(Engine):
+    """Base of the cheap engines: whitespace tokens and the '<|role|>' chat template."""
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        """The plain '<|role|>' template."""
+        return render_chat(messages)
+
+    def count_tokens(self, text: str) -> int:
+        """Whitespace-separated words."""
+        return count_words(text)

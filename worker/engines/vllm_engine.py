@@ -81,16 +81,6 @@ class VLLMEngine(Engine):
         self._live: dict[str, tuple[int, int]] = {}  # vLLM request id -> (our id, prompt tokens)
         self._done: list[GenResult] = []  # aborted or rejected, returned by the next step
 
-    @property
-    def slots(self) -> int:
-        """vLLM's max_num_seqs."""
-        return self._slots
-
-    @property
-    def max_model_len(self) -> int:
-        """The context length vLLM settled on (settings.max_model_len, model permitting)."""
-        return self._max_model_len
-
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
         """The model's chat template, with the generation prompt."""
         rendered = self._tokenizer.apply_chat_template(
