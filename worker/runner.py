@@ -15,7 +15,9 @@ import contextlib
 import heapq
 import itertools
 import logging
+import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -158,9 +160,6 @@ class Runner:
                 # A dead thread would leave messages unacked forever: stop loudly instead.
                 log.exception("runner thread crashed; stopping the worker")
                 self._stop.set()
-                import os
-                import signal
-
                 os.kill(os.getpid(), signal.SIGTERM)
 
         return run

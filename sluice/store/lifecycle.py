@@ -23,6 +23,9 @@ from sluice.models import (
     files,
 )
 
+# Output and error files live as long as OpenAI keeps them: 30 days.
+OUTPUT_TTL = 30 * 86400
+
 
 @dataclass
 class Outcome:
@@ -137,7 +140,7 @@ def _result_file(conn: Connection, batch_id: str, owner: str, purpose: str, now:
             bad_lines=0,
             batch_id=batch_id,
             created_at=now,
-            expires_at=now + 30 * 86400,
+            expires_at=now + OUTPUT_TTL,
         )
     )
     return file_id
