@@ -141,8 +141,10 @@ class Request(Base):
     __table_args__ = (
         UniqueConstraint("batch_id", "custom_id"),
         Index("ix_requests_batch_line", "batch_id", "line_no"),
-        # Claims: the next queued rows of a model, interactive first.
-        Index("ix_requests_claim", "status", "model", "priority", "id"),
+        # Claims: the next queued rows of a model, interactive first. Model leads: with
+        # status first, the planner would reach for this index on `status = 'running'`
+        # (no statistics ever see running rows) and walk every dead entry behind it.
+        Index("ix_requests_claim", "model", "status", "priority", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

@@ -132,7 +132,7 @@ def upgrade() -> None:
     with op.batch_alter_table("requests", schema=None) as batch_op:
         batch_op.create_index("ix_requests_batch_line", ["batch_id", "line_no"], unique=False)
         batch_op.create_index(
-            "ix_requests_claim", ["status", "model", "priority", "id"], unique=False
+            "ix_requests_claim", ["model", "status", "priority", "id"], unique=False
         )
 
 

@@ -262,7 +262,13 @@ def requeue_expired_leases(
     """
     now = clock()
     with db.write() as conn:
-        expired = and_(requests.c.status == RUNNING, requests.c.lease_expires_at < now)
+        # Naming the models lets the (model, status, ...) index find running rows.
+        active = select(batches.c.model).where(batches.c.status.in_((IN_PROGRESS, CANCELLING)))
+        expired = and_(
+            requests.c.model.in_(active.distinct().scalar_subquery()),
+            requests.c.status == RUNNING,
+            requests.c.lease_expires_at < now,
+        )
         cancelling = select(batches.c.id).where(batches.c.status == CANCELLING)
         dropped = (
             conn.execute(
