@@ -14,7 +14,7 @@ PYPROJECT_HASH := $(shell (sha256sum pyproject.toml 2>/dev/null || shasum -a 256
 STAMP := $(VENV)/.installed-$(PYPROJECT_HASH)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test lint typecheck demo bench-ingest bench-feed bench-e2e vllm-check gpu-check clean
+.PHONY: help venv test lint typecheck demo bench-ingest bench-feed bench-e2e bench-scale vllm-check gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -52,6 +52,9 @@ bench-feed: venv  ## benchmark: continuous vs fixed-batch feeding of the engine
 
 bench-e2e: venv  ## benchmark: requests/s end to end through api, Redis and worker
 	$(PY) bench/e2e.py
+
+bench-scale: venv  ## benchmark: one worker vs two on one queue (sim engines)
+	$(PY) bench/scale.py
 
 vllm-check: venv  ## type-check the vllm engine against the pinned vLLM (no GPU needed)
 	@# --no-deps: only vLLM's own typed sources are needed, not its CUDA stack.
