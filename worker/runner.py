@@ -368,41 +368,17 @@ class Runner:
 
 def to_result(out: GenResult, finished_at: float) -> Result:
     """The stored form of an engine result."""
+    # PostgreSQL text cannot hold NUL; a model that emits one must not fail its whole write.
+    text = out.text.replace("\x00", "") if "\x00" in out.text else out.text
     if out.finish_reason == "abort":
-        return Result(
-            out.id,
-            "cancelled",
-            out.text,
-            "abort",
-            "batch_cancelled",
-            "the batch was cancelled while this request ran",
-            out.prompt_tokens,
-            out.completion_tokens,
-            finished_at,
-        )
+        return Result(out.id, "cancelled", text, "abort", "batch_cancelled",
+                      "the batch was cancelled while this request ran", out.prompt_tokens,
+                      out.completion_tokens, finished_at)  # fmt: skip
     if out.error:
-        return Result(
-            out.id,
-            "failed",
-            None,
-            None,
-            "engine_error",
-            out.error,
-            out.prompt_tokens,
-            out.completion_tokens,
-            finished_at,
-        )
-    return Result(
-        out.id,
-        "succeeded",
-        out.text,
-        out.finish_reason,
-        None,
-        None,
-        out.prompt_tokens,
-        out.completion_tokens,
-        finished_at,
-    )
+        return Result(out.id, "failed", None, None, "engine_error", out.error,
+                      out.prompt_tokens, out.completion_tokens, finished_at)  # fmt: skip
+    return Result(out.id, "succeeded", text, out.finish_reason, None, None,
+                  out.prompt_tokens, out.completion_tokens, finished_at)  # fmt: skip
 
 
 def _retry(call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

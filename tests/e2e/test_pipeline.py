@@ -114,3 +114,12 @@ def test_duplicate_messages_give_one_result(sluice: Running) -> None:
     assert row.attempts == 1 and row.status == "succeeded"
     assert tuple(counts) == (1, 1)
     assert sluice.http.get(f"/v1/jobs/{job_id}").json()["output"] == "once only"
+
+
+def test_nul_in_output_is_stored_without_it(sluice: Running) -> None:
+    # The echo engine repeats the prompt; PostgreSQL text cannot hold the NUL it would write.
+    r = sluice.http.post("/v1/jobs", json={"prompt": "nul\u0000here ok", "max_tokens": 3})
+    assert r.status_code == 202, r.text
+    job = sluice.http.get(f"/v1/jobs/{r.json()['id']}", params={"wait": 30}).json()
+    assert job["status"] == "succeeded", job
+    assert job["output"] == "nulhere ok"
