@@ -106,11 +106,11 @@ def _check_line(line_no: int, raw: bytes | None, max_line_bytes: int) -> dict[st
         if obj.get(name) in (None, ""):
             return _error(line_no, "missing_required_parameter", f"{name} is required", name)
     custom_id, method, url = obj["custom_id"], obj["method"], obj["url"]
-    if not isinstance(custom_id, str) or len(custom_id) > 512:
+    if not isinstance(custom_id, str) or len(custom_id) > 512 or "\x00" in custom_id:
         return _error(
             line_no,
             "invalid_value",
-            "custom_id must be a string of up to 512 characters",
+            "custom_id must be a string of up to 512 characters, without NUL",
             "custom_id",
         )
     if method != "POST":
@@ -123,6 +123,8 @@ def _check_line(line_no: int, raw: bytes | None, max_line_bytes: int) -> dict[st
         return _error(line_no, exc.code, exc.message, f"body.{exc.param or ''}".rstrip("."))
     if not parsed.model:
         return _error(line_no, "missing_required_parameter", "body.model is required", "body.model")
+    if "\x00" in parsed.model:
+        return _error(line_no, "invalid_value", "body.model must not contain NUL", "body.model")
     return {
         "line_no": line_no,
         "custom_id": custom_id,

@@ -488,3 +488,16 @@ def test_cancel_running_batch_tells_workers_and_keeps_partial_results(api: Api) 
     assert [(x["custom_id"], x["error"]["code"]) for x in err] == [
         ("run-1", "batch_cancelled"), ("run-2", "batch_cancelled"), ("run-3", "batch_cancelled")
     ]  # fmt: skip
+
+
+def test_nul_in_custom_id_or_model_is_a_line_error_not_a_500(api: Api) -> None:
+    # A JSON escape decodes to NUL, which PostgreSQL text cannot store.
+    m = api.model
+    file_id = upload(api, [batch_line("ok", m), batch_line("bad\u0000id", m),
+                           batch_line("m", "mod\u0000el")])  # fmt: skip
+    batch = create(api, file_id)
+    assert batch["status"] == "failed"
+    assert [(e["line"], e["param"]) for e in batch["errors"]["data"]] == [
+        (2, "custom_id"),
+        (3, "body.model"),
+    ]
