@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import orjson
 
 from sluice.errors import InvalidInput, RequestRejected
 from sluice.ids import now
@@ -14,7 +14,7 @@ from worker.engines.base import Engine, GenRequest
 def to_gen_request(claimed: Claimed, engine: Engine) -> GenRequest:
     """Render the prompt and check it fits; raises RequestRejected for this request only."""
     try:
-        body = json.loads(claimed.body)
+        body = orjson.loads(claimed.body)
         if claimed.from_file:
             body = body["body"]
         parsed = parse_body(claimed.endpoint, body)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection, insert, update
 
 from sluice.db import Database
@@ -97,8 +97,8 @@ def _check_line(line_no: int, raw: bytes | None, max_line_bytes: int) -> dict[st
     if not text.strip():
         return _error(line_no, "invalid_json_line", "blank line")
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
         return _error(line_no, "invalid_json_line", f"not valid JSON ({exc.msg})")
     if not isinstance(obj, dict):
         return _error(line_no, "invalid_json_line", "must be a JSON object")

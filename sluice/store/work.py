@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from sqlalchemy import BigInteger, Connection, and_, any_, bindparam, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
 
@@ -214,7 +214,7 @@ def write_results(db: Database, owner: str, results: Sequence[Result]) -> list[s
     with db.write() as conn:
         if db.is_postgres:
             # One statement: the lease check, the write and the list of rows written.
-            rows = json.dumps([vars(r) for r in results])
+            rows = orjson.dumps(results).decode()
             held = {
                 row[0]: row[1] for row in conn.execute(_PG_WRITE, {"owner": owner, "rows": rows})
             }
