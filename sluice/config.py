@@ -111,11 +111,6 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'sluice.db').resolve()}"
 
     @property
-    def embedded_redis(self) -> bool:
-        """True when Sluice runs its own redis-server (no SLUICE_REDIS_URL)."""
-        return self.redis_url is None
-
-    @property
     def inflight_target(self) -> int:
         """How many requests a worker keeps claimed: about 2x the engine's slots."""
         return max(1, int(self.max_num_seqs * self.inflight_factor))

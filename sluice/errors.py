@@ -45,10 +45,6 @@ class TooLarge(SluiceError):
     """An upload exceeds a configured size limit."""
 
 
-class EngineError(SluiceError):
-    """The engine failed on a request (reported on that request only)."""
-
-
 class RequestRejected(SluiceError):
     """A request cannot run on this model (too long, bad params); fails alone."""
 

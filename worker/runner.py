@@ -118,9 +118,7 @@ class Runner:
 
     def abort_batch(self, batch_id: str) -> None:
         """Abort this batch's requests that are in the engine (its queued ones are cancelled)."""
-        ids = [rid for rid, bid in self.inflight_ids().items() if bid == batch_id]
-        if ids:
-            self._inbox.put(Abort(ids))
+        self.abort([rid for rid, bid in self.inflight_ids().items() if bid == batch_id])
 
     def abort(self, ids: list[int]) -> None:
         """Abort these in-flight requests."""

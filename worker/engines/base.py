@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sluice.sampling import Sampling
@@ -20,7 +20,6 @@ class GenRequest:
     sampling: Sampling
     priority: int = 1  # 0 interactive, 1 bulk: lower is admitted first
     prompt_token_ids: list[int] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
