@@ -72,7 +72,7 @@ def _engine() -> Engine:
 def run_prompt(request_id: int, endpoint: str, body: str) -> None:
     """Run one prompt and commit its result on its own."""
     engine = _engine()
-    claimed = Claimed(request_id, "", endpoint, BULK, 1, body, from_file=False)
+    claimed = Claimed(request_id, "", endpoint, BULK, 1, 0, body, from_file=False)
     try:
         engine.add(to_gen_request(claimed, engine))
         [res] = engine.step()

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -145,6 +146,15 @@ class Request(Base):
         # status first, the planner would reach for this index on `status = 'running'`
         # (no statistics ever see running rows) and walk every dead entry behind it.
         Index("ix_requests_claim", "model", "status", "priority", "id"),
+        # Suspects (queued rows that were in an engine when it crashed) are few; the idle
+        # poll looks for them every second, so they get an index of their own.
+        Index(
+            "ix_requests_suspects",
+            "model",
+            "crashes",
+            postgresql_where=text("status = 'queued' AND crashes > 0"),
+            sqlite_where=text("status = 'queued' AND crashes > 0"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -158,7 +168,10 @@ class Request(Base):
     endpoint: Mapped[str] = mapped_column(String(64))
     priority: Mapped[int] = mapped_column(SmallInteger, default=BULK)
     status: Mapped[str] = mapped_column(String(12), default=QUEUED)
+    # Times a worker started it (informational).
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Engine crashes it was present for: a suspect above 0, poison at settings.max_attempts.
+    crashes: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     # The worker holding the lease; kept after the result is written (who ran it).
     lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
     lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -8,7 +8,10 @@ from celery import Celery
 
 from sluice.config import Settings
 from sluice.queue import TASK_NAME, make_celery
-from worker.runner import Runner
+from worker.runner import Runner, RunnerFailed
+
+# How often a task thread waiting on its ticket checks that the runner is still alive.
+TICKET_POLL_SECONDS = 1.0
 
 _runner: Runner | None = None
 
@@ -26,9 +29,16 @@ def create_worker_app(settings: Settings, redis_url: str) -> Celery:
     @app.task(name=TASK_NAME, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
     def run_requests(ids: list[int], priority: int = 1) -> dict[str, Any]:
         """Run these requests; return once their results are committed (then Celery acks)."""
-        if _runner is None:
+        runner = _runner
+        if runner is None:
             raise RuntimeError("the runner is not started in this process")
-        _runner.submit(ids, priority).wait()
+        ticket = runner.submit(ids, priority)
+        while not ticket.wait(TICKET_POLL_SECONDS):
+            if runner.failure:
+                break
+        if runner.failure:
+            # The process is exiting; the rows are back in the database's queue.
+            raise RunnerFailed(runner.failure)
         return {"requests": len(ids)}
 
     return app

@@ -8,12 +8,14 @@ import socket
 import uuid
 
 import redis
+from celery.signals import worker_shutting_down
 
 from sluice.config import Settings
 from sluice.db import get_database
 from sluice.queue import done_channel, queue_name
 from worker.celery_app import create_worker_app, set_runner
 from worker.engines import load_engine
+from worker.faults import Faults
 from worker.listener import CancelListener
 from worker.reconciler import Reconciler
 from worker.runner import Runner
@@ -24,7 +26,8 @@ log = logging.getLogger("sluice.worker")
 
 def run_worker(settings: Settings, redis_url: str, loglevel: str = "INFO") -> None:
     """Run one worker process until SIGTERM/SIGINT (warm shutdown: in-flight work finishes)."""
-    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    owner = settings.worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    faults = Faults.parse(settings.faults)
     db = get_database(settings)
     client = redis.Redis.from_url(redis_url)
     engine = load_engine(settings)
@@ -36,14 +39,18 @@ def run_worker(settings: Settings, redis_url: str, loglevel: str = "INFO") -> No
         for bid in batch_ids:
             client.publish(done_channel(bid), "done")
 
-    runner = Runner(settings, db, engine, owner, on_finished=announce)
+    runner = Runner(settings, db, engine, owner, on_finished=announce, faults=faults)
     app = create_worker_app(settings, redis_url)
-    reconciler = Reconciler(
-        settings, db, app, client, owner, runner.inflight_ids, runner.abort, announce
-    )
+    reconciler = Reconciler(settings, db, app, client, owner, runner, announce)
     listener = CancelListener(client, runner.abort_batch)
     stats = StatsPublisher(client, owner, engine, runner)
     set_runner(runner)
+
+    def drain_on_shutdown(**_kwargs: object) -> None:
+        # Celery's warm shutdown waits for the task threads; draining settles their tickets.
+        runner.drain(settings.shutdown_grace)
+
+    worker_shutting_down.connect(drain_on_shutdown, weak=False)
     runner.start()
     reconciler.start()
     listener.start()

@@ -14,6 +14,7 @@ from sluice.config import Settings
 from sluice.db import Database
 from sluice.queue import RECONCILE_LOCK, publish
 from sluice.store import work
+from worker.runner import Runner
 
 log = logging.getLogger("sluice.reconciler")
 
@@ -28,8 +29,7 @@ class Reconciler:
         app: Celery,
         client: redis.Redis,
         owner: str,
-        inflight: Callable[[], dict[int, str]],
-        abort: Callable[[list[int]], None],
+        runner: Runner,
         on_finished: Callable[[list[str]], None],
     ) -> None:
         self.settings = settings
@@ -37,8 +37,7 @@ class Reconciler:
         self.app = app
         self.redis = client
         self.owner = owner
-        self.inflight = inflight
-        self.abort = abort
+        self.runner = runner
         self.on_finished = on_finished
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sluice-reconciler", daemon=True)
@@ -62,12 +61,14 @@ class Reconciler:
 
     def run_once(self) -> None:
         """One round: leases, cancellations, then the shared repairs under a lock."""
-        held = self.inflight()
-        if held:
+        held = self.runner.inflight_ids()
+        # Only work that is really progressing keeps its leases: a stalled engine lets them
+        # run out, so another worker can take the rows.
+        if held and self.runner.progressing():
             ids = list(held)
             work.renew_leases(self.db, ids, self.owner, self.settings.lease_seconds)
             with self.db.read() as conn:
-                self.abort(work.cancelled_among(conn, ids))
+                self.runner.abort(work.cancelled_among(conn, ids))
         lock_ms = int(self.settings.reconcile_interval * 900)
         if not self.redis.set(RECONCILE_LOCK, self.owner, nx=True, px=max(lock_ms, 100)):
             return

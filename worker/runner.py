@@ -7,6 +7,17 @@ queued rows of the model. The engine thread only adds and steps, and the writer 
 results in bulk. A ticket completes when every id it named is committed by this worker or was
 not claimable (finished already, or leased by another worker), so the message is acked after
 the commit.
+
+Never hang: a runner thread that dies, or an engine step that stalls past
+`engine_stall_seconds`, fails the runner: its rows go back to the queue (those in the engine
+charged one crash, the rest not), the engine's processes are closed and the process exits
+non-zero within EXIT_DEADLINE seconds. `drain()` is the graceful path (SIGTERM): claiming stops,
+claimed rows that never reached the engine are released at once, the engine gets
+`shutdown_grace` seconds, and whatever is still in it is aborted and released.
+
+Suspects (rows that were in an engine when it crashed) run only in isolation groups, with
+nothing else in the engine: smaller after each crash and, one crash before max_attempts, alone,
+so the request that crashes the engine is found and fails by itself.
 """
 
 from __future__ import annotations
@@ -17,14 +28,13 @@ import itertools
 import logging
 import os
 import queue
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from sluice.config import Settings
 from sluice.db import Database
@@ -34,11 +44,22 @@ from sluice.models import BULK, INTERACTIVE
 from sluice.store import work
 from sluice.store.work import Claimed, Result
 from worker.engines.base import Engine, GenRequest, GenResult
+from worker.faults import Faults
 from worker.prepare import rejected_result, to_gen_request
 
 log = logging.getLogger("sluice.worker")
 T = TypeVar("T")
 P = ParamSpec("P")
+
+# Exit codes: a failed runner (supervisors restart on non-zero), a shutdown past its deadline.
+EXIT_RUNNER_FAILED = 70
+EXIT_SHUTDOWN_OVERRUN = 75
+# A failing runner releases its rows and closes the engine within this; then it exits anyway.
+EXIT_DEADLINE = 20.0
+# After the grace, aborting, releasing and exiting take at most this long.
+SHUTDOWN_MARGIN = 8.0
+# An isolation group is this many times smaller after each crash (512 in flight: 64, 8, 1).
+ISOLATION_SHRINK = 8
 
 
 @dataclass
@@ -53,11 +74,32 @@ class Ticket:
         return self.done.wait(timeout)
 
 
+class RunnerFailed(RuntimeError):
+    """The runner failed; the process is exiting (its rows are being released)."""
+
+
 @dataclass
 class Abort:
     """Engine-thread instruction: drop these requests."""
 
     ids: list[int]
+
+
+@dataclass
+class Drain:
+    """Engine-thread instruction: admit nothing more; abort what remains at the deadline."""
+
+    deadline: float
+
+
+@dataclass
+class Release:
+    """Writer instruction: give these claimed rows back to the queue, uncharged."""
+
+    ids: list[int]
+
+
+CLAIMER_DONE = "claimer-done"
 
 
 class Runner:
@@ -70,10 +112,12 @@ class Runner:
         engine: Engine,
         owner: str,
         on_finished: Callable[[list[str]], None] | None = None,
+        faults: Faults | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
-        self.engine = engine
+        self.faults = faults or Faults()
+        self.engine = self.faults.wrap(engine)
         self.owner = owner
         self.on_finished = on_finished or (lambda _ids: None)
         self.target = max(1, int(engine.slots * settings.inflight_factor))
@@ -86,8 +130,8 @@ class Runner:
         self._inflight: dict[int, str] = {}  # request id -> batch id
         # Items travel in lists (one claim, one engine step): a queue operation per request
         # costs more than the echo engine's whole work.
-        self._inbox: queue.Queue[list[GenRequest] | Abort | None] = queue.Queue()
-        self._results: queue.Queue[list[Result] | None] = queue.Queue()
+        self._inbox: queue.Queue[list[GenRequest] | Abort | Drain | str | None] = queue.Queue()
+        self._results: queue.Queue[list[Result] | Release | None] = queue.Queue()
         self._preparing = False  # the claimer is handing a claimed chunk to the engine
         self._next_poll = 0.0  # when the claimer next looks for unnamed queued rows
         self._more_in_db = False  # the last look found a full claim: look again at once
@@ -95,12 +139,24 @@ class Runner:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.completed = 0
+        self.failure: str | None = None  # why the runner failed; the process is exiting
+        self._draining = False
+        self._in_engine: set[int] = set()  # handed to the engine, not yet returned by it
+        self._drained: set[int] = set()  # aborted by a drain: released, not cancelled
+        self._step_started: float | None = None  # when the running engine step began
+        self._suspects = 0  # crash level of the isolation group being run (0: none)
+        self._next_suspect_check = 0.0
+        self._drain_deadline: float | None = None  # engine thread: set by a Drain
+        self._claimer_done = False  # engine thread: the claimer has stopped
 
     # -- called by Celery task threads ------------------------------------------------
     def submit(self, ids: Iterable[int], priority: int) -> Ticket:
         """Queue request ids for claiming; the ticket completes when all are settled."""
         ticket = Ticket(set(ids))
         with self._cv:
+            if self._draining or self.failure:
+                # Their rows stay queued in the database for the next worker to claim.
+                ticket.remaining.clear()
             for rid in ticket.remaining:
                 self._tickets.setdefault(rid, []).append(ticket)
                 if rid not in self._queued_ids and rid not in self._inflight:
@@ -125,17 +181,28 @@ class Runner:
         if ids:
             self._inbox.put(Abort(ids))
 
+    def progressing(self) -> bool:
+        """True while the runner is healthy and no engine step has stalled (lease renewal)."""
+        started = self._step_started
+        stalled = started is not None and (
+            time.monotonic() - started > self.settings.engine_stall_seconds
+        )
+        return self.failure is None and not stalled
+
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
-        """Start the claimer, engine and writer threads."""
+        """Start the claimer, engine and writer threads, and their watchdog."""
         for name, target in (
             ("claimer", self._claim_loop),
             ("engine", self._engine_loop),
             ("writer", self._write_loop),
         ):
-            t = threading.Thread(target=self._guard(target), name=f"sluice-{name}", daemon=True)
+            t = threading.Thread(
+                target=self._guard(name, target), name=f"sluice-{name}", daemon=True
+            )
             t.start()
             self._threads.append(t)
+        threading.Thread(target=self._watch, name="sluice-watchdog", daemon=True).start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop after what is in flight is written."""
@@ -150,22 +217,108 @@ class Runner:
         for t in self._threads:
             t.join(timeout)
 
-    def _guard(self, loop: Callable[[], None]) -> Callable[[], None]:
+    def drain(self, grace: float) -> None:
+        """Graceful shutdown, without blocking: stop claiming, release what never reached the
+        engine, give the engine `grace` seconds, then abort and release the rest."""
+        with self._cv:
+            if self._draining or self.failure:
+                return
+            self._draining = True
+            # Named but never claimed: the rows stay queued; their messages can be acked.
+            unclaimed = [rid for _, _, rid in self._pending]
+            self._pending.clear()
+            self._queued_ids.clear()
+            for rid in unclaimed:
+                self._inflight.pop(rid, None)
+            self._settle(unclaimed)
+            self._cv.notify_all()
+        log.info("draining: %d requests held, %.0fs grace", len(self._inflight), grace)
+        self._inbox.put(Drain(time.monotonic() + grace))
+        overrun = threading.Timer(grace + SHUTDOWN_MARGIN, self._overrun)
+        overrun.daemon = True
+        overrun.start()
+
+    def _overrun(self) -> None:
+        """The drain missed its deadline: release everything held and exit."""
+        log.error("shutdown took longer than its grace; releasing held requests and exiting")
+        self._release_and_exit(set(), EXIT_SHUTDOWN_OVERRUN)
+
+    def _guard(self, name: str, loop: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
             try:
                 loop()
-            except Exception:
-                # A dead thread would leave messages unacked forever: stop loudly instead.
-                log.exception("runner thread crashed; stopping the worker")
-                self._stop.set()
-                os.kill(os.getpid(), signal.SIGTERM)
+            except BaseException as exc:
+                log.exception("runner thread %s crashed", name)
+                self.fail(f"the {name} thread crashed: {exc!r}", engine_fault=name == "engine")
 
         return run
+
+    def _watch(self) -> None:
+        """Fail the runner when a thread is gone or an engine step has stalled."""
+        while not self._stop.wait(1.0):
+            started = self._step_started
+            if started is not None:
+                stalled = time.monotonic() - started
+                if stalled > self.settings.engine_stall_seconds:
+                    self.fail(f"an engine step has not returned in {stalled:.0f}s", True)
+                    return
+            for t in self._threads:
+                if not t.is_alive() and not self._stop.is_set():
+                    self.fail(f"runner thread {t.name} is gone", engine_fault=False)
+                    return
+
+    def fail(self, reason: str, engine_fault: bool) -> None:
+        """Give up: settle every ticket, release the rows, close the engine, exit non-zero."""
+        with self._cv:
+            if self.failure:
+                return
+            self.failure = reason
+            self._stop.set()
+            for tickets in self._tickets.values():
+                for ticket in tickets:
+                    ticket.done.set()
+            self._tickets.clear()
+            self._cv.notify_all()
+        log.error("runner failed (%s); releasing requests and exiting", reason)
+        # Only an engine failure charges the requests that were in it; a crash of the claimer
+        # or the writer says nothing about them.
+        suspects = set(self._in_engine) if engine_fault else set()
+        threading.Thread(
+            target=self._release_and_exit,
+            args=(suspects, EXIT_RUNNER_FAILED),
+            name="sluice-exit",
+            daemon=True,
+        ).start()
+
+    def _release_and_exit(self, suspects: set[int], code: int) -> None:
+        """Release held rows and close the engine, bounded by EXIT_DEADLINE; then exit."""
+        deadline = threading.Timer(EXIT_DEADLINE, os._exit, (code,))
+        deadline.daemon = True
+        deadline.start()
+        held = list(self.inflight_ids())
+        max_attempts = self.settings.max_attempts
+        try:
+            charged = [rid for rid in held if rid in suspects]
+            innocent = [rid for rid in held if rid not in suspects]
+            work.release(self.db, self.owner, charged, max_attempts, charge=True)
+            work.release(self.db, self.owner, innocent, max_attempts, charge=False)
+            log.info("released %d requests (%d charged a crash)", len(held), len(charged))
+        except Exception:
+            log.exception("could not release held requests; their leases will expire")
+        try:
+            self.engine.close()
+        except Exception:
+            log.exception("closing the engine failed")
+        logging.shutdown()
+        os._exit(code)
 
     # -- claimer ------------------------------------------------------------------------
     def _room(self) -> int:
         """How many more requests to claim now (caller holds the lock)."""
         busy = len(self._inflight)
+        if self._suspects:
+            # An isolation group runs with nothing else in the engine.
+            return self._group_size(self._suspects) if busy == 0 else 0
         if self.batch_mode:
             return self.engine.slots if busy == 0 else 0
         # At most one engine-full per claim: the next claim then overlaps the writer's commit.
@@ -174,9 +327,9 @@ class Runner:
     def _wait_for_room(self) -> int:
         """Block until there is room and named ids wait or the database is due a look."""
         with self._cv:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and not self._draining:
                 room = self._room()
-                if room > 0 and (self._pending or self._poll_due()):
+                if room > 0 and (self._suspects or self._pending or self._poll_due()):
                     self._preparing = True
                     return room
                 timeout = max(0.0, self._next_poll - time.monotonic()) if room > 0 else None
@@ -185,6 +338,12 @@ class Runner:
 
     def _poll_due(self) -> bool:
         return self._more_in_db or time.monotonic() >= self._next_poll
+
+    def _group_size(self, level: int) -> int:
+        """Isolation group size for suspects with `level` crashes: alone one before the limit."""
+        if level >= self.settings.max_attempts - 1:
+            return 1
+        return max(1, self.target // int(ISOLATION_SHRINK**level))
 
     def _pop_pending(self, room: int) -> list[int]:
         """Next named ids, interactive first (caller holds the lock)."""
@@ -204,23 +363,36 @@ class Runner:
                 self._inflight[c.id] = c.batch_id
 
     def _claim_loop(self) -> None:
-        while not self._stop.is_set():
-            room = self._wait_for_room()
-            if room <= 0:
-                continue
-            try:
-                self._prepare(self._claim_round(room))
-            finally:
-                with self._cv:
-                    self._preparing = False
-                    self._cv.notify_all()
+        try:
+            while not self._stop.is_set() and not self._draining:
+                room = self._wait_for_room()
+                if room <= 0:
+                    continue
+                self.faults.turn("claimer")
+                try:
+                    self._prepare(self._claim_round(room))
+                finally:
+                    with self._cv:
+                        self._preparing = False
+                        self._cv.notify_all()
+        finally:
+            self._inbox.put(CLAIMER_DONE)
 
     def _claim_round(self, room: int) -> list[Claimed]:
         """One claim: queued interactive rows, then the ids messages named, else any rows."""
         s, model = self.settings, self.settings.served_model
+        if self._suspects:
+            return self._claim_suspects(room)
+        if time.monotonic() >= self._next_suspect_check:
+            # Suspects (rows an engine crashed with) wait for the next isolation group: from
+            # here on nothing else is claimed until they are all settled.
+            self._next_suspect_check = time.monotonic() + s.idle_poll
+            self._suspects = self._db(work.suspect_level, self.db, model)
+            if self._suspects:
+                return []
         # Interactive rows come straight from the database: their message may still wait
         # behind the bulk messages this worker holds.
-        claimed = _retry(
+        claimed = self._db(
             work.claim_next, self.db, model, self.owner, s.lease_seconds, room, INTERACTIVE
         )
         self._hold(claimed)
@@ -228,7 +400,7 @@ class Runner:
         with self._cv:
             ids = self._pop_pending(room)
         if ids:
-            named = _retry(work.claim, self.db, ids, self.owner, s.lease_seconds)
+            named = self._db(work.claim, self.db, ids, self.owner, s.lease_seconds)
             got = {c.id for c in named}
             with self._cv:
                 for c in named:
@@ -241,7 +413,7 @@ class Runner:
         elif room > 0 and self._poll_due():
             # Nothing named here: take this model's queued rows whoever holds their message
             # (another worker's backlog, a lost message, a worker that just joined).
-            taken = _retry(
+            taken = self._db(
                 work.claim_next,
                 self.db,
                 model,
@@ -257,6 +429,20 @@ class Runner:
             self._next_poll = time.monotonic() + s.idle_poll
             self._hold(taken)
             claimed += taken
+        return claimed
+
+    def _claim_suspects(self, room: int) -> list[Claimed]:
+        """Claim the next isolation group; leave isolation when no suspect is left."""
+        s = self.settings
+        claimed = self._db(
+            work.claim_suspects, self.db, s.served_model, self.owner, s.lease_seconds, room,
+            self._suspects,
+        )  # fmt: skip
+        if claimed:
+            log.warning("running %d suspect request(s) in isolation", len(claimed))
+            self._hold(claimed)
+        else:
+            self._suspects = self._db(work.suspect_level, self.db, s.served_model)
         return claimed
 
     def _prepare(self, claimed: list[Claimed]) -> None:
@@ -278,24 +464,42 @@ class Runner:
         engine = self.engine
         stopping = False
         while True:
+            self.faults.turn("engine")
             if not engine.has_unfinished():
-                if stopping:
+                if stopping or (self._drain_deadline is not None and self._claimer_done):
                     return
                 # Idle: block until the claimer hands over work.
                 stopping = self._admit(self._inbox.get()) or stopping
             # Admit everything waiting before the next step: new work joins the running batch.
             stopping = self._drain_inbox() or stopping
+            if self._drain_due():
+                self._abort_for_drain()
             if not self.batch_mode:
                 if engine.has_unfinished():
-                    self._emit(engine.step())
-            elif stopping or self._inbox_idle():
+                    self._step()
+            elif stopping or self._drain_deadline is not None or self._inbox_idle():
                 # The naive design: generate the whole chunk, wait for it, then take more.
                 while engine.has_unfinished():
-                    self._emit(engine.step())
+                    self._step()
+                    if (
+                        self._drain_deadline is not None
+                        and time.monotonic() >= self._drain_deadline
+                    ):
+                        self._abort_for_drain()
             else:
                 # Batch mode, chunk still arriving: wait for its next request.
                 with contextlib.suppress(queue.Empty):
                     stopping = self._admit(self._inbox.get(timeout=0.05)) or stopping
+
+    def _drain_due(self) -> bool:
+        return self._drain_deadline is not None and time.monotonic() >= self._drain_deadline
+
+    def _step(self) -> None:
+        """One engine step, timed for the stall watchdog."""
+        self._step_started = time.monotonic()
+        outs = self.engine.step()
+        self._step_started = None
+        self._emit(outs)
 
     def _drain_inbox(self) -> bool:
         """Admit what is waiting without blocking; True if a stop arrived."""
@@ -312,21 +516,50 @@ class Runner:
         with self._cv:
             return self._inbox.empty() and not self._preparing
 
-    def _admit(self, item: list[GenRequest] | Abort | None) -> bool:
+    def _admit(self, item: list[GenRequest] | Abort | Drain | str | None) -> bool:
         """Hand an item to the engine; True when it is the stop signal."""
         if item is None:
             return self._stop.is_set()
         if isinstance(item, Abort):
             self.engine.abort(item.ids)
+        elif isinstance(item, Drain):
+            self._drain_deadline = item.deadline
+        elif isinstance(item, str):
+            self._claimer_done = item == CLAIMER_DONE
+        elif self._drain_deadline is not None:
+            # Claimed but never started: straight back to the queue.
+            self._results.put(Release([r.id for r in item]))
         else:
             for request in item:
+                # Counted in before add(): a request whose add() kills the engine is a suspect.
+                self._in_engine.add(request.id)
                 self.engine.add(request)
         return False
 
+    def _abort_for_drain(self) -> None:
+        """The grace is over: abort what is still in the engine (released, not cancelled)."""
+        left = self._in_engine - self._drained
+        if left:
+            log.info("grace over: %d requests go back to the queue", len(left))
+            self._drained |= left
+            self.engine.abort(sorted(left))
+
     def _emit(self, outs: list[GenResult]) -> None:
-        if outs:
-            t = now()
-            self._results.put([to_result(o, t) for o in outs])
+        if not outs:
+            return
+        t = now()
+        results: list[Result] = []
+        released: list[int] = []
+        for o in outs:
+            self._in_engine.discard(o.id)
+            if o.id in self._drained:
+                released.append(o.id)
+            else:
+                results.append(to_result(o, t))
+        if results:
+            self._results.put(results)
+        if released:
+            self._results.put(Release(released))
 
     # -- writer ---------------------------------------------------------------------------
     def _write_loop(self) -> None:
@@ -335,7 +568,9 @@ class Runner:
             first = self._results.get()
             if first is None:
                 return
-            batch = list(first)
+            self.faults.turn("writer")
+            releases = [first] if isinstance(first, Release) else []
+            batch = [] if isinstance(first, Release) else list(first)
             while len(batch) < limit:
                 try:
                     nxt = self._results.get_nowait()
@@ -344,16 +579,53 @@ class Runner:
                 if nxt is None:
                     self._results.put(None)
                     break
-                batch.extend(nxt)
-            finished = _retry(work.write_results, self.db, self.owner, batch)
-            with self._cv:
-                for r in batch:
-                    self._inflight.pop(r.id, None)
-                self._settle(r.id for r in batch)
-                self.completed += len(batch)
-                self._cv.notify_all()
-            if finished:
-                self.on_finished(finished)
+                if isinstance(nxt, Release):
+                    releases.append(nxt)
+                else:
+                    batch.extend(nxt)
+            if batch:
+                finished = self._db(work.write_results, self.db, self.owner, batch)
+                self._done_with([r.id for r in batch], written=True)
+                self._announce(finished)
+            for rel in releases:
+                max_attempts = self.settings.max_attempts
+                self._db(work.release, self.db, self.owner, rel.ids, max_attempts, charge=False)
+                self._done_with(rel.ids, written=False)
+
+    def _done_with(self, ids: list[int], written: bool) -> None:
+        """These ids are no longer held: settle their tickets."""
+        with self._cv:
+            for rid in ids:
+                self._inflight.pop(rid, None)
+            self._settle(ids)
+            if written:
+                self.completed += len(ids)
+            self._cv.notify_all()
+
+    def _announce(self, finished: list[str]) -> None:
+        """Tell listeners which batches finished; a failure here must not stop the writer."""
+        if not finished:
+            return
+        try:
+            self.on_finished(finished)
+        except Exception:
+            # Long-polls re-check the database on their own; a lost wake-up only delays them.
+            log.warning("could not announce %d finished batches", len(finished), exc_info=True)
+
+    def _db(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a database call, waiting out outages of any length (unless the runner failed)."""
+        delay, warned = 0.2, 0.0
+        while True:
+            try:
+                return call(*args, **kwargs)
+            except (OperationalError, InterfaceError):
+                if self.failure:
+                    raise RunnerFailed(self.failure) from None
+                if time.monotonic() - warned > 30:
+                    log.warning("database unavailable; retrying until it is back", exc_info=True)
+                    warned = time.monotonic()
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
 
     def _settle(self, ids: Iterable[int]) -> None:
         """Mark ids settled for every ticket naming them (caller holds the lock)."""
@@ -377,17 +649,3 @@ def to_result(out: GenResult, finished_at: float) -> Result:
                       out.prompt_tokens, out.completion_tokens, finished_at)  # fmt: skip
     return Result(out.id, "succeeded", text, out.finish_reason, None, None,
                   out.prompt_tokens, out.completion_tokens, finished_at)  # fmt: skip
-
-
-def _retry(call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-    """Retry a database call through brief outages (a restart, a failover)."""
-    attempts = 5
-    for i in range(attempts):
-        try:
-            return call(*args, **kwargs)
-        except OperationalError:
-            if i == attempts - 1:
-                raise
-            log.warning("database error; retrying", exc_info=True)
-            time.sleep(min(2.0**i * 0.2, 5.0))
-    raise AssertionError("unreachable")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import BigInteger, Connection, and_, any_, bindparam, select, text, update
+from sqlalchemy import BigInteger, Connection, and_, any_, bindparam, func, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from sluice.db import Database
@@ -39,6 +39,7 @@ class Claimed:
     endpoint: str
     priority: int
     attempts: int
+    crashes: int
     body: str  # a job's body JSON, or a file's whole input line (whose "body" to run)
     from_file: bool
 
@@ -106,6 +107,7 @@ def claim_next(
             requests.c.model == model,
             requests.c.priority == priority,
             requests.c.id > after,
+            requests.c.crashes == 0,
         )
         .order_by(requests.c.id)
         .limit(limit)
@@ -116,14 +118,18 @@ def claim_next(
     return _claim(db, requests.c.id.in_(pick.scalar_subquery()), owner, lease_seconds)
 
 
-def _claim(db: Database, which: Any, owner: str, lease_seconds: float) -> list[Claimed]:
+def _claim(
+    db: Database, which: Any, owner: str, lease_seconds: float, *, suspects: bool = False
+) -> list[Claimed]:
     now = clock()
+    # Suspects run only in isolation groups (claim_suspects), never beside ordinary work.
+    crashed = requests.c.crashes > 0 if suspects else requests.c.crashes == 0
     with db.write() as conn:
         # status='queued' in the WHERE is the whole guard: a duplicate message or a second
         # worker finds nothing left to claim (PostgreSQL rechecks it after the row lock).
         rows = conn.execute(
             update(requests)
-            .where(which, requests.c.status == QUEUED)
+            .where(which, requests.c.status == QUEUED, crashed)
             .values(
                 status=RUNNING,
                 lease_owner=owner,
@@ -137,6 +143,7 @@ def _claim(db: Database, which: Any, owner: str, lease_seconds: float) -> list[C
                 requests.c.endpoint,
                 requests.c.priority,
                 requests.c.attempts,
+                requests.c.crashes,
                 requests.c.body,
                 requests.c.file_id,
                 requests.c.line_no,
@@ -154,6 +161,7 @@ def _claim(db: Database, which: Any, owner: str, lease_seconds: float) -> list[C
             r.endpoint,
             r.priority,
             r.attempts,
+            r.crashes,
             r.body if r.body is not None else lines.get((r.file_id, r.line_no), ""),
             r.body is None,
         )
@@ -254,65 +262,137 @@ def _write_sqlite(conn: Connection, owner: str, results: Sequence[Result]) -> di
 def requeue_expired_leases(
     db: Database, max_attempts: int
 ) -> tuple[list[tuple[int, str, int]], list[str]]:
-    """Give rows whose lease ran out back to the queue (or fail them after max attempts).
+    """Rows whose lease ran out (their worker died or stalled) go back to the queue, charged
+    one crash each, or fail as poison after max_attempts crashes.
 
     Returns (requeued (id, model, priority), finished batch ids).
     """
+    # Naming the models lets the (model, status, ...) index find running rows.
+    active = select(batches.c.model).where(batches.c.status.in_((IN_PROGRESS, CANCELLING)))
+    expired = and_(
+        requests.c.model.in_(active.distinct().scalar_subquery()),
+        requests.c.status == RUNNING,
+        requests.c.lease_expires_at < clock(),
+    )
+    return _requeue(db, expired, max_attempts, charge=True)
+
+
+def release(
+    db: Database, owner: str, ids: Sequence[int], max_attempts: int, *, charge: bool
+) -> tuple[list[tuple[int, str, int]], list[str]]:
+    """Give back rows this worker holds: charged when they were in an engine that crashed,
+    uncharged when they never reached it or a shutdown stopped them."""
+    if not ids:
+        return [], []
+    mine = and_(
+        _among(db, requests.c.id, ids),
+        requests.c.lease_owner == owner,
+        requests.c.status == RUNNING,
+    )
+    return _requeue(db, mine, max_attempts, charge=charge)
+
+
+def release_owner(
+    db: Database, owner: str, max_attempts: int
+) -> tuple[list[tuple[int, str, int]], list[str]]:
+    """Give back every row a dead worker held, at once (its supervisor saw it die)."""
+    mine = and_(requests.c.lease_owner == owner, requests.c.status == RUNNING)
+    return _requeue(db, mine, max_attempts, charge=True)
+
+
+def _requeue(
+    db: Database, which: Any, max_attempts: int, *, charge: bool
+) -> tuple[list[tuple[int, str, int]], list[str]]:
+    """Requeue the rows `which` selects; a charged row gains a crash and may fail as poison."""
     now = clock()
+    cleared: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
     with db.write() as conn:
-        # Naming the models lets the (model, status, ...) index find running rows.
-        active = select(batches.c.model).where(batches.c.status.in_((IN_PROGRESS, CANCELLING)))
-        expired = and_(
-            requests.c.model.in_(active.distinct().scalar_subquery()),
-            requests.c.status == RUNNING,
-            requests.c.lease_expires_at < now,
-        )
         cancelling = select(batches.c.id).where(batches.c.status == CANCELLING)
         dropped = (
             conn.execute(
                 update(requests)
-                .where(expired, requests.c.batch_id.in_(cancelling))
+                .where(which, requests.c.batch_id.in_(cancelling))
                 .values(
                     status=CANCELLED,
                     error_code="batch_cancelled",
                     error_message="the batch was cancelled",
                     finished_at=now,
-                    lease_owner=None,
-                    lease_expires_at=None,
+                    **cleared,
                 )
                 .returning(requests.c.batch_id)
             )
             .scalars()
             .all()
         )
-        poisoned = (
-            conn.execute(
-                update(requests)
-                .where(expired, requests.c.attempts >= max_attempts)
-                .values(
-                    status=FAILED,
-                    error_code="max_attempts_exceeded",
-                    error_message=f"the request was started {max_attempts} times and its "
-                    "worker never finished it",
-                    finished_at=now,
-                    lease_owner=None,
-                    lease_expires_at=None,
+        poisoned: Sequence[str] = []
+        if charge:
+            # Suspects run in ever smaller groups and, one crash before the limit, alone: a
+            # row reaching the limit crashed its engine by itself.
+            poisoned = (
+                conn.execute(
+                    update(requests)
+                    .where(which, requests.c.crashes + 1 >= max_attempts)
+                    .values(
+                        status=FAILED,
+                        crashes=requests.c.crashes + 1,
+                        error_code="max_attempts_exceeded",
+                        error_message=f"the engine failed {max_attempts} times while running "
+                        "this request, the last time with this request alone in it",
+                        finished_at=now,
+                        **cleared,
+                    )
+                    .returning(requests.c.batch_id)
                 )
-                .returning(requests.c.batch_id)
+                .scalars()
+                .all()
             )
-            .scalars()
-            .all()
-        )
         requeued = conn.execute(
             update(requests)
-            .where(expired)
-            .values(status=QUEUED, lease_owner=None, lease_expires_at=None, queued_at=now)
+            .where(which)
+            .values(
+                status=QUEUED,
+                queued_at=now,
+                crashes=requests.c.crashes + (1 if charge else 0),
+                **cleared,
+            )
             .returning(requests.c.id, requests.c.model, requests.c.priority)
         ).all()
         outcomes = [Outcome(b, CANCELLED) for b in dropped]
         outcomes += [Outcome(b, FAILED) for b in poisoned]
         finished = account(conn, tally(outcomes)) if outcomes else []
     return [(r.id, r.model, r.priority) for r in requeued], finished
+
+
+def suspect_level(db: Database, model: str) -> int:
+    """The highest crash count among this model's queued rows (0: no suspects)."""
+    with db.read() as conn:
+        level = conn.execute(
+            select(func.max(requests.c.crashes)).where(
+                requests.c.model == model, requests.c.status == QUEUED, requests.c.crashes > 0
+            )
+        ).scalar()
+    return int(level or 0)
+
+
+def claim_suspects(
+    db: Database, model: str, owner: str, lease_seconds: float, limit: int, level: int
+) -> list[Claimed]:
+    """Lease up to `limit` queued suspects with this crash count (an isolation group)."""
+    pick = (
+        select(requests.c.id)
+        .where(
+            requests.c.model == model,
+            requests.c.status == QUEUED,
+            requests.c.crashes == level,
+        )
+        .order_by(requests.c.id)
+        .limit(limit)
+    )
+    if db.is_postgres:
+        pick = pick.with_for_update(skip_locked=True)
+    return _claim(
+        db, requests.c.id.in_(pick.scalar_subquery()), owner, lease_seconds, suspects=True
+    )
 
 
 def expire_batches(db: Database) -> list[str]:
