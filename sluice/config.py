@@ -44,6 +44,15 @@ class Settings(BaseSettings):
     reconcile_interval: float = Field(5.0, gt=0)
     idle_poll: float = Field(1.0, gt=0)
     visibility_timeout: int = Field(43_200, ge=60)
+    # Worker reliability: on SIGTERM what is in the engine gets this long to finish (the
+    # rest goes back to the queue at once); an engine step longer than the stall limit is a
+    # hang, and the worker exits non-zero so its supervisor restarts it.
+    shutdown_grace: float = Field(30.0, ge=0)
+    engine_stall_seconds: float = Field(300.0, gt=0)
+    # Names this worker's leases; a supervisor that sets it can release them when it dies.
+    worker_id: str | None = Field(None, min_length=1, max_length=128)
+    # Testing only: faults to inject (see worker/faults.py), e.g. "engine-crash-on=POISON".
+    faults: str = ""
 
     # Worker feeding
     feed_mode: FeedMode = "continuous"
