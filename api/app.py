@@ -10,8 +10,11 @@ import anyio
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
+from api.backpressure import QueueGauge
 from api.deps import AppState
 from api.errors import install as install_errors
+from api.guard import install as install_guard
+from api.listener import DoneListener
 from api.routes import batches, files, health, jobs
 from sluice.config import Settings, get_settings
 from sluice.db import get_database
@@ -38,12 +41,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         db = get_database(settings)
         redis_url = await _redis_url(settings)
         celery = make_celery(settings, redis_url)
-        # No read timeout: long-polls wait on pub/sub sockets for up to max_wait_seconds.
+        # No read timeout: the long-poll listener waits on its pub/sub socket.
         redis = Redis.from_url(redis_url, socket_connect_timeout=5)
-        app.state.sluice = AppState(settings, db, celery, redis, redis_url)
+        listener = DoneListener(redis)
+        gauge = QueueGauge(settings, db)
+        app.state.sluice = AppState(settings, db, celery, redis, redis_url, listener, gauge)
         log.info("sluice api ready: database %s, redis %s", db.engine.url, redis_url)
         try:
-            yield
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(listener.run)
+                try:
+                    yield
+                finally:
+                    tasks.cancel_scope.cancel()
         finally:
             await redis.aclose()
             celery.close()
@@ -56,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_errors(app)
+    install_guard(app, settings)
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(files.router)

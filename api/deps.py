@@ -6,13 +6,18 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from celery import Celery
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Path, Query, Request
 from redis.asyncio import Redis
 
+from api.backpressure import QueueGauge
+from api.listener import DoneListener
 from sluice.config import Settings
 from sluice.db import Database
 
 DEFAULT_OWNER = "default"
+# Every id Sluice makes matches this, and the id columns hold 64 characters: anything else
+# (a NUL, which PostgreSQL text cannot hold, a 10 kB string) is refused before any query.
+ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 
 @dataclass
@@ -24,6 +29,8 @@ class AppState:
     celery: Celery
     redis: Redis
     redis_url: str
+    listener: DoneListener
+    gauge: QueueGauge
 
 
 def get_state(request: Request) -> AppState:
@@ -66,3 +73,12 @@ CeleryDep = Annotated[Celery, Depends(get_celery)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
 StateDep = Annotated[AppState, Depends(get_state)]
 OwnerDep = Annotated[str, Depends(get_owner)]
+
+# Path and query parameters that name rows: bounded and checked where they enter.
+ResourceId = Annotated[
+    str, Path(pattern=ID_PATTERN, max_length=64, description="A file, batch or job id.")
+]
+Cursor = Annotated[
+    str | None,
+    Query(pattern=ID_PATTERN, max_length=64, description="List after this id (pagination)."),
+]

@@ -35,8 +35,10 @@ class ApiError(Exception):
         param: str | None = None,
         line: int | None = None,
         type_: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        self.headers = headers
         self.status = status
         self.message = message
         self.code = code
@@ -99,7 +101,13 @@ def validation_response(exc: RequestValidationError) -> JSONResponse:
 async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
     return error_response(
-        exc.status, exc.message, code=exc.code, param=exc.param, line=exc.line, type_=exc.type
+        exc.status,
+        exc.message,
+        code=exc.code,
+        param=exc.param,
+        line=exc.line,
+        type_=exc.type,
+        headers=exc.headers,
     )
 
 
@@ -131,15 +139,12 @@ async def _validation(_: Request, exc: Exception) -> JSONResponse:
 
 async def _http(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
+        exc.status_code
+    )
     return error_response(
         exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {}) or None
     )
-
-
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal server error", code="internal_error", type_="server_error")
 
 
 def install(app: FastAPI) -> None:
@@ -151,4 +156,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(TooLarge, _too_large)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
-    app.add_exception_handler(Exception, _unexpected)
+    # No handler for Exception: Starlette's re-raises after answering, which closes the
+    # connection; api.guard answers every other error (503 for outages, else 500).

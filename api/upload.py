@@ -27,7 +27,10 @@ MULTIPART_OVERHEAD = 64 * 1024
 FEED_BYTES = 256 * 1024
 SPOOL_READ_BYTES = 1024 * 1024
 MAX_FIELD_BYTES = 1024
-MAX_FILENAME = 255
+MAX_FILENAME = 255  # what files.filename holds
+# A part's headers (Content-Disposition, Content-Type...) are small; without a bound a
+# hostile part could grow them to the whole body limit in memory.
+MAX_PART_HEADER_BYTES = 16 * 1024
 PURPOSES = ("batch",)
 
 
@@ -53,16 +56,27 @@ class _Parts:
         self._purpose_buf = bytearray()
         self.problem: InvalidInput | None = None
         self.ended = False
+        self._header_bytes = 0
 
     def on_part_begin(self) -> None:
         self.headers = {}
         self.kind = ""
+        self._header_bytes = 0
+
+    def _header_room(self, n: int) -> bool:
+        self._header_bytes += n
+        if self._header_bytes > MAX_PART_HEADER_BYTES:
+            self._fail(f"a part's headers are over {MAX_PART_HEADER_BYTES} bytes", "file")
+            return False
+        return True
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._field += data[start:end]
+        if self._header_room(end - start):
+            self._field += data[start:end]
 
     def on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._value += data[start:end]
+        if self._header_room(end - start):
+            self._value += data[start:end]
 
     def on_header_end(self) -> None:
         self.headers[bytes(self._field).lower()] = bytes(self._value)
@@ -79,7 +93,12 @@ class _Parts:
             self.kind = "file"
             self.file_seen = True
             raw = params.get(b"filename") or b"upload.jsonl"
-            self.filename = raw.decode("utf-8", "replace")[-MAX_FILENAME:]
+            filename = raw.decode("utf-8", "replace")
+            if "\x00" in filename:
+                self._fail("the file's filename must not contain NUL", "file")
+            elif len(filename) > MAX_FILENAME:
+                self._fail(f"the file's filename is over {MAX_FILENAME} characters", "file")
+            self.filename = filename[:MAX_FILENAME].replace("\x00", "")
         elif name == b"purpose":
             self.kind = "purpose"
             self._purpose_buf.clear()
@@ -139,6 +158,7 @@ class _Sink:
         self.ingest = FileIngest(
             db, filename, "batch", owner,
             settings.max_file_bytes, settings.max_line_bytes, settings.file_ttl_days,
+            settings.output_tokens_limit,
         )  # fmt: skip
         self._open = False
 

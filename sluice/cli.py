@@ -41,7 +41,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             f"{settings.served_model}); Ctrl-C stops it.",
             flush=True,
         )
-        return stack.wait()
+        stack.supervise()
+        return 0
     except KeyboardInterrupt:
         print("stopping...", file=sys.stderr, flush=True)
         return 0
@@ -61,6 +62,8 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
         port=args.port,
         log_level="warning",
         access_log=False,
+        # httptools with a bound on request heads (SLUICE_MAX_HEADER_BYTES): 431 past it.
+        http="api.server:BoundedHttpToolsProtocol",
     )
     return 0
 

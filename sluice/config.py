@@ -86,6 +86,15 @@ class Settings(BaseSettings):
     max_line_bytes: int = Field(1024 * 1024, ge=16)
     max_wait_seconds: float = Field(60.0, ge=0)
     file_ttl_days: int = Field(30, ge=1)
+    # Hostile input and overload (the API): every size bounded where it enters.
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(64 * 1024, ge=1024)
+    max_output_tokens: int | None = Field(None, ge=1)
+    max_completion_window: int = Field(7 * 86400, ge=1)
+    max_queued_requests: int = Field(1_000_000, ge=0)
+    max_long_polls: int = Field(10_000, ge=1)
+    retry_after_seconds: int = Field(5, ge=1, le=3600)
+    db_ping_after_idle: float = Field(1.0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -111,6 +120,11 @@ class Settings(BaseSettings):
         """Model names the API accepts (each has its own queue)."""
         names = [n.strip() for n in self.served_models.split(",") if n.strip()]
         return names or [self.served_model]
+
+    @property
+    def output_tokens_limit(self) -> int:
+        """The largest max_tokens a request may ask for (default: the model's context)."""
+        return self.max_output_tokens or self.max_model_len
 
     @property
     def resolved_database_url(self) -> str:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, exc
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from sluice.config import Settings
 
@@ -17,7 +19,7 @@ from sluice.config import Settings
 class Database:
     """A database URL's engines: `write()` for transactions, `read()` for queries."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, ping_after_idle: float = 1.0) -> None:
         self.url = url
         parsed = make_url(url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
@@ -32,9 +34,17 @@ class Database:
             self.engine = _sqlite_engine(url, begin="BEGIN IMMEDIATE")
             self.read_engine = _sqlite_engine(url, begin="BEGIN")
         else:
-            # No pre-ping: it costs a round trip per checkout; callers retry on OperationalError.
-            self.engine = create_engine(url, pool_size=10, max_overflow=20)
+            # No pre-ping on every checkout (a round trip each, on the worker's hot path):
+            # only a connection idle for ping_after_idle seconds is pinged (see below).
+            # connect_timeout: an unreachable server fails a call in bounded time (a 503).
+            self.engine = create_engine(
+                url,
+                pool_size=10,
+                max_overflow=20,
+                connect_args={"connect_timeout": CONNECT_TIMEOUT},
+            )
             self.read_engine = self.engine
+            _ping_idle_connections(self.engine, ping_after_idle)
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
@@ -53,6 +63,34 @@ class Database:
         self.engine.dispose()
         if self.read_engine is not self.engine:
             self.read_engine.dispose()
+
+
+CONNECT_TIMEOUT = 10
+
+
+def _ping_idle_connections(engine: Engine, after: float) -> None:
+    """Ping a pooled connection at checkout when it sat idle for `after` seconds.
+
+    A database restart kills every pooled connection; without this the first call after it
+    fails. Busy connections (the worker's, a loaded API's) are never idle that long, so
+    they pay nothing; a dead one is replaced before the caller sees it.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_conn: Any, record: ConnectionPoolEntry) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since < after:
+            return
+        try:
+            dbapi_conn.execute("SELECT 1")
+            dbapi_conn.rollback()
+        except Exception as err:
+            # The pool discards this connection and checks out (or opens) another.
+            raise exc.DisconnectionError(f"idle connection is dead: {err}") from err
 
 
 def _sqlite_engine(url: str, begin: str) -> Engine:
@@ -83,5 +121,5 @@ def get_database(settings: Settings) -> Database:
     """The process's Database for the configured URL."""
     url = settings.resolved_database_url
     if url not in _databases:
-        _databases[url] = Database(url)
+        _databases[url] = Database(url, settings.db_ping_after_idle)
     return _databases[url]

@@ -7,16 +7,24 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import CeleryDep, DbDep, OwnerDep, RedisDep, SettingsDep
+from api.deps import ID_PATTERN, CeleryDep, Cursor, DbDep, OwnerDep, RedisDep, ResourceId, StateDep
+from api.docs import COMMON, ERRORS, SUBMIT_ERRORS
 from api.errors import ApiError
 from api.publish import publish_cancel, publish_created
+from api.streams import primed
 from sluice.db import Database
 from sluice.errors import InvalidInput, NotFound
 from sluice.render import batch_object, results_chunks
 from sluice.sampling import ENDPOINTS
-from sluice.store.batches import cancel_batch, create_batch, get_batch, list_batches
+from sluice.store.batches import (
+    cancel_batch,
+    create_batch,
+    get_batch,
+    list_batches,
+    window_seconds,
+)
 
 router = APIRouter(prefix="/v1/batches")
 
@@ -30,9 +38,9 @@ class BatchIn(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    input_file_id: str
-    endpoint: str
-    completion_window: str = "24h"
+    input_file_id: str = Field(max_length=64, pattern=ID_PATTERN)
+    endpoint: str = Field(max_length=64)
+    completion_window: str = Field("24h", max_length=16)
     metadata: dict[str, str] | None = None
 
 
@@ -46,6 +54,12 @@ def _check_metadata(metadata: dict[str, str] | None) -> None:
             code="invalid_value",
         )
     for key, value in metadata.items():
+        if "\x00" in key or "\x00" in value:
+            raise InvalidInput(
+                "metadata keys and values must not contain NUL (\\u0000)",
+                param="metadata",
+                code="invalid_value",
+            )
         if len(key) > MAX_METADATA_KEY:
             raise InvalidInput(
                 f"metadata keys are at most {MAX_METADATA_KEY} characters ({key[:20]!r}... has "
@@ -66,21 +80,24 @@ def _object(db: Database, batch_id: str, owner: str) -> dict[str, Any]:
     return batch_object(get_batch(db, batch_id, owner))
 
 
-@router.post("")
+@router.post("", responses=SUBMIT_ERRORS)
 async def create(
     batch: BatchIn,
-    settings: SettingsDep,
+    state: StateDep,
     db: DbDep,
     celery: CeleryDep,
     owner: OwnerDep,
 ) -> dict[str, Any]:
     """Check the input file and queue its lines; a file with bad lines gives a failed batch."""
+    settings = state.settings
     if batch.endpoint not in ENDPOINTS:
         raise InvalidInput(
             f"endpoint must be one of {', '.join(ENDPOINTS)}", param="endpoint",
             code="invalid_value",
         )  # fmt: skip
+    window_seconds(batch.completion_window, settings.max_completion_window)
     _check_metadata(batch.metadata)
+    await state.gauge.admit()
 
     def run() -> Any:
         return create_batch(
@@ -92,21 +109,23 @@ async def create(
             metadata=batch.metadata,
             accepted_models=settings.accepted_models,
             max_requests=settings.max_file_lines,
+            max_window=settings.max_completion_window,
         )
 
     try:
         created = await anyio.to_thread.run_sync(run)
     except NotFound as exc:
         raise ApiError(404, str(exc), code="file_not_found", param="input_file_id") from None
+    state.gauge.added(len(created.request_ids))
     await publish_created(celery, settings, created)
     return await anyio.to_thread.run_sync(_object, db, created.batch_id, owner)
 
 
-@router.get("")
+@router.get("", responses=COMMON)
 async def list_all(
     db: DbDep,
     owner: OwnerDep,
-    after: str | None = None,
+    after: Cursor = None,
     limit: int = Query(20, ge=1, le=100),
 ) -> dict[str, Any]:
     """The caller's batches, newest first (OpenAI cursor pagination)."""
@@ -121,14 +140,16 @@ async def list_all(
     }
 
 
-@router.get("/{batch_id}")
-async def retrieve(batch_id: str, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
+@router.get("/{batch_id}", responses=ERRORS)
+async def retrieve(batch_id: ResourceId, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
     """One batch."""
     return await anyio.to_thread.run_sync(_object, db, batch_id, owner)
 
 
-@router.post("/{batch_id}/cancel")
-async def cancel(batch_id: str, db: DbDep, redis: RedisDep, owner: OwnerDep) -> dict[str, Any]:
+@router.post("/{batch_id}/cancel", responses=ERRORS)
+async def cancel(
+    batch_id: ResourceId, db: DbDep, redis: RedisDep, owner: OwnerDep
+) -> dict[str, Any]:
     """Cancel: queued requests never run; workers abort running ones (status cancelling)."""
     tell_workers = await anyio.to_thread.run_sync(cancel_batch, db, batch_id, owner)
     if tell_workers:
@@ -136,15 +157,14 @@ async def cancel(batch_id: str, db: DbDep, redis: RedisDep, owner: OwnerDep) -> 
     return await anyio.to_thread.run_sync(_object, db, batch_id, owner)
 
 
-@router.get("/{batch_id}/results")
+@router.get("/{batch_id}/results", responses=ERRORS)
 async def results(
-    batch_id: str,
+    batch_id: ResourceId,
     db: DbDep,
     owner: OwnerDep,
-    after_line: int | None = Query(None, ge=0),
+    after_line: int | None = Query(None, ge=0, le=2**31 - 1),
 ) -> StreamingResponse:
     """Lines finished so far (any end status) in output-file format; `after_line` resumes."""
     await anyio.to_thread.run_sync(get_batch, db, batch_id, owner)
-    return StreamingResponse(
-        results_chunks(db, batch_id, after_line), media_type="application/jsonl"
-    )
+    chunks = await primed(results_chunks(db, batch_id, after_line))
+    return StreamingResponse(chunks, media_type="application/jsonl")

@@ -8,7 +8,9 @@ import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from api.deps import DbDep, OwnerDep, SettingsDep
+from api.deps import Cursor, DbDep, OwnerDep, ResourceId, SettingsDep
+from api.docs import COMMON, ERRORS
+from api.streams import primed
 from api.upload import body_limit, receive_upload
 from sluice.db import Database
 from sluice.errors import InvalidInput, TooLarge
@@ -24,7 +26,7 @@ def _object(db: Database, file_id: str, owner: str) -> dict[str, Any]:
     return file_object(row)
 
 
-@router.post("")
+@router.post("", responses=COMMON)
 async def upload_file(
     request: Request, settings: SettingsDep, db: DbDep, owner: OwnerDep
 ) -> dict[str, Any]:
@@ -57,12 +59,12 @@ def _list(
     }
 
 
-@router.get("")
+@router.get("", responses=COMMON)
 async def get_files(
     db: DbDep,
     owner: OwnerDep,
-    purpose: str | None = None,
-    after: str | None = None,
+    purpose: str | None = Query(None, max_length=32),
+    after: Cursor = None,
     limit: int = Query(10_000, ge=1, le=10_000),
     order: Literal["asc", "desc"] = "desc",
 ) -> dict[str, Any]:
@@ -74,26 +76,26 @@ async def get_files(
     return await anyio.to_thread.run_sync(_list, db, owner, purpose, after, limit, order)
 
 
-@router.get("/{file_id}")
-async def retrieve_file(file_id: str, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
+@router.get("/{file_id}", responses=ERRORS)
+async def retrieve_file(file_id: ResourceId, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
     """One file's object."""
     return await anyio.to_thread.run_sync(_object, db, file_id, owner)
 
 
-@router.delete("/{file_id}")
-async def remove_file(file_id: str, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
+@router.delete("/{file_id}", responses=ERRORS)
+async def remove_file(file_id: ResourceId, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
     """Delete a file (409 while an unfinished batch reads it)."""
     await anyio.to_thread.run_sync(delete_file, db, file_id, owner)
     return {"id": file_id, "object": "file", "deleted": True}
 
 
-@router.get("/{file_id}/content")
-async def file_content(file_id: str, db: DbDep, owner: OwnerDep) -> StreamingResponse:
+@router.get("/{file_id}/content", responses=ERRORS)
+async def file_content(file_id: ResourceId, db: DbDep, owner: OwnerDep) -> StreamingResponse:
     """The file's bytes, streamed page by page (output files are rendered from results)."""
     row = await anyio.to_thread.run_sync(get_file, db, file_id, owner)
     jsonl = str(row["filename"]).endswith(".jsonl") or row["purpose"] != "batch"
     return StreamingResponse(
-        file_chunks(db, row),
+        await primed(file_chunks(db, row)),
         media_type="application/jsonl" if jsonl else "application/octet-stream",
         headers={"Content-Disposition": f'attachment; filename="{row["id"]}.jsonl"'},
     )

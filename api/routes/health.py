@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from api.deps import DbDep, RedisDep, SettingsDep
+from api.deps import DbDep, RedisDep, SettingsDep, StateDep
+from api.docs import COMMON, ERRORS
 from api.errors import ApiError
 from sluice.db import Database
 
 router = APIRouter()
+log = logging.getLogger("sluice.api")
+# Model names are not ids: any printable text, as long as the column holds.
+MODEL_ID = Path(max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
 CHECK_TIMEOUT = 3.0
 
 
@@ -28,8 +33,8 @@ def _select_one(db: Database) -> None:
         conn.execute(text("SELECT 1")).scalar()
 
 
-@router.get("/readyz", response_model=None)
-async def readyz(db: DbDep, redis: RedisDep) -> JSONResponse:
+@router.get("/readyz", response_model=None, responses={503: COMMON[503]})
+async def readyz(db: DbDep, redis: RedisDep, state: StateDep) -> JSONResponse:
     """200 when the database and Redis answer; 503 naming what does not."""
     checks: dict[str, str] = {}
     try:
@@ -37,13 +42,16 @@ async def readyz(db: DbDep, redis: RedisDep) -> JSONResponse:
             await anyio.to_thread.run_sync(_select_one, db, abandon_on_cancel=True)
         checks["database"] = "ok"
     except Exception as exc:
-        checks["database"] = f"down: {type(exc).__name__}: {exc}"[:300]
+        # The error's text stays in the log: it may name hosts, users or paths.
+        log.warning("readiness: the database is down (%s: %s)", type(exc).__name__, exc)
+        checks["database"] = f"down ({type(exc).__name__})"
     try:
         with anyio.fail_after(CHECK_TIMEOUT):
             await redis.ping()
         checks["redis"] = "ok"
     except Exception as exc:
-        checks["redis"] = f"down: {type(exc).__name__}: {exc}"[:300]
+        log.warning("readiness: Redis is down (%s: %s)", type(exc).__name__, exc)
+        checks["redis"] = f"down ({type(exc).__name__})"
     down = sorted(name for name, state in checks.items() if state != "ok")
     if down:
         message = "; ".join(f"{name} is {checks[name]}" for name in down)
@@ -51,6 +59,7 @@ async def readyz(db: DbDep, redis: RedisDep) -> JSONResponse:
             "status": "unavailable",
             "down": down,
             "checks": checks,
+            "long_polls": state.listener.count,
             "error": {
                 "message": message,
                 "type": "server_error",
@@ -59,8 +68,11 @@ async def readyz(db: DbDep, redis: RedisDep) -> JSONResponse:
                 "line": None,
             },
         }
-        return JSONResponse(body, status_code=503)
-    return JSONResponse({"status": "ready", "checks": checks})
+        return JSONResponse(
+            body, status_code=503, headers={"Retry-After": str(state.settings.retry_after_seconds)}
+        )
+    # long_polls: clients held in ?wait= right now (SLUICE_MAX_LONG_POLLS bounds them).
+    return JSONResponse({"status": "ready", "checks": checks, "long_polls": state.listener.count})
 
 
 def _model(name: str) -> dict[str, Any]:
@@ -73,8 +85,8 @@ async def list_models(settings: SettingsDep) -> dict[str, Any]:
     return {"object": "list", "data": [_model(m) for m in settings.accepted_models]}
 
 
-@router.get("/v1/models/{model_id:path}")
-async def get_model(model_id: str, settings: SettingsDep) -> dict[str, Any]:
+@router.get("/v1/models/{model_id:path}", responses=ERRORS)
+async def get_model(model_id: Annotated[str, MODEL_ID], settings: SettingsDep) -> dict[str, Any]:
     """One accepted model."""
     if model_id not in settings.accepted_models:
         raise ApiError(

@@ -10,22 +10,24 @@ import anyio
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
-from redis.asyncio import Redis
 
-from api.deps import CeleryDep, DbDep, OwnerDep, RedisDep, SettingsDep
+from api.deps import CeleryDep, DbDep, OwnerDep, RedisDep, ResourceId, StateDep
+from api.docs import ERRORS, SUBMIT_ERRORS
 from api.errors import ApiError
+from api.listener import DoneListener
 from api.publish import publish_cancel, publish_created
+from sluice.config import Settings
 from sluice.db import Database
 from sluice.errors import InvalidInput
 from sluice.models import TERMINAL_REQUEST
-from sluice.queue import done_channel
 from sluice.render import job_object
-from sluice.sampling import CHAT, COMPLETIONS, DEFAULT_MAX_TOKENS, parse_body
+from sluice.sampling import CHAT, COMPLETIONS, DEFAULT_MAX_TOKENS, MAX_MODEL_NAME, parse_body
 from sluice.store.batches import cancel_batch, create_job, get_batch
 from sluice.store.files import request_page
 
 router = APIRouter(prefix="/v1/jobs")
 log = logging.getLogger("sluice.api")
+NO_REDIS_POLL = 1.0
 
 
 class JobIn(BaseModel):
@@ -58,8 +60,9 @@ def _dotted(param: str | None) -> str | None:
     return re.sub(r"\[(\d+)\]", r".\1", param) if param else param
 
 
-def _check(job: JobIn, accepted: list[str], default_model: str) -> tuple[str, dict[str, Any]]:
+def _check(job: JobIn, settings: Settings) -> tuple[str, dict[str, Any]]:
     """The endpoint and the body to store, or InvalidInput/ApiError naming the field."""
+    accepted, default_model = settings.accepted_models, settings.served_model
     body = job.model_dump(exclude_none=True)
     if "prompt" in body and "messages" in body:
         raise InvalidInput(
@@ -74,6 +77,12 @@ def _check(job: JobIn, accepted: list[str], default_model: str) -> tuple[str, di
             code="missing_required_parameter",
         )
     model = body.get("model") or default_model
+    if len(model) > MAX_MODEL_NAME or "\x00" in model:
+        raise InvalidInput(
+            f"model must be at most {MAX_MODEL_NAME} characters, without NUL",
+            param="model",
+            code="invalid_value",
+        )
     if model not in accepted:
         raise ApiError(
             404,
@@ -86,7 +95,7 @@ def _check(job: JobIn, accepted: list[str], default_model: str) -> tuple[str, di
         body.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
     endpoint = CHAT if "messages" in body else COMPLETIONS
     try:
-        parse_body(endpoint, body)
+        parse_body(endpoint, body, max_tokens_limit=settings.output_tokens_limit, check_nul=True)
     except InvalidInput as exc:
         param = _dotted(exc.param)
         message = exc.message.replace(exc.param, param) if exc.param and param else exc.message
@@ -110,65 +119,54 @@ def _done(view: dict[str, Any]) -> bool:
 
 
 async def wait_for_job(
-    db: Database, redis: Redis, job_id: str, owner: str, wait: float
+    db: Database, listener: DoneListener, job_id: str, owner: str, wait: float
 ) -> dict[str, Any]:
-    """Read the job; if unfinished, hold until its done message or the deadline, then reread."""
-    pubsub = redis.pubsub()
-    try:
-        try:
-            # Subscribe before the first read: a finish between the two is still heard.
-            await pubsub.subscribe(done_channel(job_id))
-        except Exception as exc:
-            log.warning("long-poll on %s without Redis (%s): answering now", job_id, exc)
-            return await read_job(db, job_id, owner)
+    """Read the job; if unfinished, hold until its done notice or the deadline, then reread."""
+    # Registered before the first read: a finish between the two still wakes us.
+    with listener.waiting(job_id) as waiter:
         view = await read_job(db, job_id, owner)
-        if _done(view):
-            return view
         deadline = anyio.current_time() + wait
-        with anyio.move_on_after(wait + 1.0):
-            while (left := deadline - anyio.current_time()) > 0:
-                # Blocks on the socket; returns early only for messages (subscribe
-                # confirmations come back as None and loop).
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=left)
-                if message is not None:
-                    break
-        return await read_job(db, job_id, owner)
-    finally:
-        with anyio.CancelScope(shield=True):
-            try:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-            except Exception as exc:
-                log.debug("closing a long-poll subscription failed: %s", exc)
+        while not _done(view) and (left := deadline - anyio.current_time()) > 0:
+            # Without Redis no notice comes: look at the database every second instead.
+            step = left if listener.healthy else min(left, NO_REDIS_POLL)
+            with anyio.move_on_after(step):
+                await waiter.event.wait()
+            waiter.rearm()  # before the reread: a notice during it wakes the next round
+            view = await read_job(db, job_id, owner)
+        return view
 
 
-@router.post("", status_code=202)
+@router.post("", status_code=202, responses=SUBMIT_ERRORS)
 async def submit_job(
     job: JobIn,
-    settings: SettingsDep,
+    state: StateDep,
     db: DbDep,
     celery: CeleryDep,
     owner: OwnerDep,
 ) -> JSONResponse:
     """Queue one prompt; 202 with the job and a Location to poll."""
-    endpoint, body = _check(job, settings.accepted_models, settings.served_model)
+    settings = state.settings
+    endpoint, body = _check(job, settings)
+    await state.gauge.admit()
     created = await anyio.to_thread.run_sync(
         lambda: create_job(db, owner=owner, endpoint=endpoint, model=body["model"], body=body)
     )
+    state.gauge.added(len(created.request_ids))
     await publish_created(celery, settings, created)
     view = await read_job(db, created.batch_id, owner)
     return JSONResponse(view, status_code=202, headers={"Location": f"/v1/jobs/{created.batch_id}"})
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", responses=SUBMIT_ERRORS)
 async def get_job(
-    job_id: str,
-    settings: SettingsDep,
+    job_id: ResourceId,
+    state: StateDep,
     db: DbDep,
-    redis: RedisDep,
     owner: OwnerDep,
     wait: float = 0.0,
 ) -> dict[str, Any]:
     """The job; with ?wait=N, held up to N seconds until it ends."""
+    settings = state.settings
     if not 0 <= wait <= settings.max_wait_seconds:
         raise InvalidInput(
             f"wait must be between 0 and {settings.max_wait_seconds:g} seconds",
@@ -177,11 +175,23 @@ async def get_job(
         )
     if wait == 0:
         return await read_job(db, job_id, owner)
-    return await wait_for_job(db, redis, job_id, owner, wait)
+    if state.listener.count >= settings.max_long_polls:
+        raise ApiError(
+            429,
+            f"{settings.max_long_polls} long-polls are waiting already; poll without wait, "
+            "or retry later",
+            code="too_many_long_polls",
+            param="wait",
+            type_="server_error",
+            headers={"Retry-After": str(settings.retry_after_seconds)},
+        )
+    return await wait_for_job(db, state.listener, job_id, owner, wait)
 
 
-@router.post("/{job_id}/cancel")
-async def cancel_job(job_id: str, db: DbDep, redis: RedisDep, owner: OwnerDep) -> dict[str, Any]:
+@router.post("/{job_id}/cancel", responses=ERRORS)
+async def cancel_job(
+    job_id: ResourceId, db: DbDep, redis: RedisDep, owner: OwnerDep
+) -> dict[str, Any]:
     """Cancel a queued or running job; a running one is aborted by its worker."""
     tell_workers = await anyio.to_thread.run_sync(
         lambda: cancel_batch(db, job_id, owner, kind="job")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,20 +32,38 @@ from sluice.store.lifecycle import Outcome, account, finalize, tally
 
 WINDOWS = {"1h": 3600, "24h": 86400, "7d": 7 * 86400}
 MAX_LISTED_ERRORS = 1000
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# Bounds the digits before any arithmetic: "99999999999999999999h" is refused, not multiplied.
+WINDOW_RE = re.compile(r"[1-9][0-9]{0,6}[smhd]")
+DEFAULT_MAX_WINDOW = 7 * 86400
 
 
-def window_seconds(window: str) -> int:
-    """Seconds in a completion window such as '24h', '90m' or '7d'."""
-    if window in WINDOWS:
-        return WINDOWS[window]
-    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(window[-1:])
-    if unit and window[:-1].isdigit() and int(window[:-1]) > 0:
-        return int(window[:-1]) * unit
-    raise InvalidInput(
-        "completion_window must look like 24h, 90m or 7d",
-        param="completion_window",
-        code="invalid_value",
-    )
+def window_seconds(window: str, max_seconds: int = DEFAULT_MAX_WINDOW) -> int:
+    """Seconds in a completion window such as '24h', '90m' or '7d', at most max_seconds."""
+    seconds = WINDOWS.get(window)
+    if seconds is None and WINDOW_RE.fullmatch(window):
+        seconds = int(window[:-1]) * UNITS[window[-1]]
+    if seconds is None:
+        raise InvalidInput(
+            "completion_window must look like 24h, 90m or 7d",
+            param="completion_window",
+            code="invalid_value",
+        )
+    if seconds > max_seconds:
+        raise InvalidInput(
+            f"completion_window is at most {max_seconds} seconds here ({window} is {seconds})",
+            param="completion_window",
+            code="invalid_value",
+        )
+    return seconds
+
+
+def count_queued(db: Database, models: list[str], cap: int) -> int:
+    """Queued requests of these models, counted up to cap (cost bounded by cap, on the index)."""
+    q = requests.c
+    inner = select(literal(1)).where(q.model.in_(models), q.status == QUEUED).limit(cap).subquery()
+    with db.read() as conn:
+        return int(conn.execute(select(func.count()).select_from(inner)).scalar_one())
 
 
 @dataclass
@@ -155,9 +174,10 @@ def create_batch(
     accepted_models: list[str],
     max_requests: int,
     webhook_url: str | None = None,
+    max_window: int = DEFAULT_MAX_WINDOW,
 ) -> Created:
     """Check the whole input file, then queue every line as a request (one transaction)."""
-    window = window_seconds(completion_window)
+    window = window_seconds(completion_window, max_window)
     now = unix()
     batch_id = new_batch_id()
     with db.write() as conn:
@@ -174,7 +194,8 @@ def create_batch(
                 param="input_file_id",
             )
         _refresh_statistics(db, conn, "file_lines")
-        errs = _line_errors(conn, input_file_id, endpoint, accepted_models)
+        # File-level errors first: the list is cut at MAX_LISTED_ERRORS line errors.
+        errs: list[dict[str, Any]] = []
         if f.line_count == 0:
             errs.append(
                 {
@@ -193,6 +214,7 @@ def create_batch(
                     "message": f"the file has {f.line_count} requests; the limit is {max_requests}",
                 }
             )
+        errs += _line_errors(conn, input_file_id, endpoint, accepted_models)
         model = (
             conn.execute(
                 select(file_lines.c.model)

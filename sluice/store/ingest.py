@@ -14,9 +14,10 @@ from sluice.db import Database
 from sluice.errors import InvalidInput, TooLarge
 from sluice.ids import new_file_id, unix
 from sluice.models import file_lines, files
-from sluice.sampling import ENDPOINTS, parse_body
+from sluice.sampling import ENDPOINTS, find_nul, parse_body
 
 INSERT_CHUNK = 2000
+MAX_PARAM = 128
 
 
 class LineSplitter:
@@ -72,13 +73,16 @@ def _error(line_no: int, code: str, message: str, param: str | None = None) -> d
         "raw": None,
         "error_code": code,
         "error_message": f"line {line_no}: {message}",
-        "error_param": param,
+        # The column holds 128 characters; a path into a deeply nested body may be longer.
+        "error_param": param[:MAX_PARAM] if param else param,
     }
 
 
-def parse_line(line_no: int, raw: bytes | None, max_line_bytes: int) -> dict[str, Any]:
+def parse_line(
+    line_no: int, raw: bytes | None, max_line_bytes: int, max_tokens_limit: int | None = None
+) -> dict[str, Any]:
     """Check one OpenAI batch line; returns its file_lines row (with an error if bad)."""
-    row = _check_line(line_no, raw, max_line_bytes)
+    row = _check_line(line_no, raw, max_line_bytes, max_tokens_limit)
     if row["raw"] is None and raw is not None and b"\x00" not in raw:
         # A bad line keeps its text so the file downloads as uploaded; NUL bytes cannot
         # be stored in PostgreSQL text, and undecodable bytes are not text at all.
@@ -87,7 +91,9 @@ def parse_line(line_no: int, raw: bytes | None, max_line_bytes: int) -> dict[str
     return row
 
 
-def _check_line(line_no: int, raw: bytes | None, max_line_bytes: int) -> dict[str, Any]:
+def _check_line(
+    line_no: int, raw: bytes | None, max_line_bytes: int, max_tokens_limit: int | None
+) -> dict[str, Any]:
     if raw is None:
         return _error(line_no, "line_too_long", f"longer than {max_line_bytes} bytes")
     try:
@@ -102,6 +108,10 @@ def _check_line(line_no: int, raw: bytes | None, max_line_bytes: int) -> dict[st
         return _error(line_no, "invalid_json_line", f"not valid JSON ({exc.msg})")
     if not isinstance(obj, dict):
         return _error(line_no, "invalid_json_line", "must be a JSON object")
+    # A NUL can only arrive escaped (JSON forbids raw control characters in strings), so
+    # the walk runs only for the rare line that holds the escape.
+    if b"\\u0000" in raw and (where := find_nul(obj)) is not None:
+        return _error(line_no, "invalid_value", f"{where} must not contain NUL (\\u0000)", where)
     for name in ("custom_id", "method", "url", "body"):
         if obj.get(name) in (None, ""):
             return _error(line_no, "missing_required_parameter", f"{name} is required", name)
@@ -118,13 +128,11 @@ def _check_line(line_no: int, raw: bytes | None, max_line_bytes: int) -> dict[st
     if url not in ENDPOINTS:
         return _error(line_no, "invalid_url", f"url must be one of {', '.join(ENDPOINTS)}", "url")
     try:
-        parsed = parse_body(url, obj["body"])
+        parsed = parse_body(url, obj["body"], max_tokens_limit=max_tokens_limit)
     except InvalidInput as exc:
         return _error(line_no, exc.code, exc.message, f"body.{exc.param or ''}".rstrip("."))
     if not parsed.model:
         return _error(line_no, "missing_required_parameter", "body.model is required", "body.model")
-    if "\x00" in parsed.model:
-        return _error(line_no, "invalid_value", "body.model must not contain NUL", "body.model")
     return {
         "line_no": line_no,
         "custom_id": custom_id,
@@ -160,6 +168,7 @@ class FileIngest:
         max_bytes: int,
         max_line_bytes: int,
         ttl_days: int,
+        max_tokens_limit: int | None = None,
     ) -> None:
         self.db = db
         self.id = new_file_id()
@@ -169,6 +178,7 @@ class FileIngest:
         self.max_bytes = max_bytes
         self.max_line_bytes = max_line_bytes
         self.ttl_days = ttl_days
+        self.max_tokens_limit = max_tokens_limit
         self.bytes = 0
         self.bad_lines = 0
         self._splitter = LineSplitter(max_line_bytes)
@@ -222,7 +232,7 @@ class FileIngest:
         return StoredFile(self.id, self.bytes, lines, self.bad_lines)
 
     def _add(self, line_no: int, raw: bytes | None) -> None:
-        row = parse_line(line_no, raw, self.max_line_bytes)
+        row = parse_line(line_no, raw, self.max_line_bytes, self.max_tokens_limit)
         if row["error_code"]:
             self.bad_lines += 1
         row["file_id"] = self.id

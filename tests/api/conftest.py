@@ -18,6 +18,7 @@ import redis
 import uvicorn
 
 from api.app import create_app
+from api.server import bounded
 from sluice.config import Settings, load_settings
 from sluice.db import Database, get_database
 from sluice.redis_server import ensure_redis
@@ -82,7 +83,12 @@ def serve(settings: Settings) -> Iterator[str]:
     """Serve create_app(settings) with uvicorn in a thread; yields the base URL."""
     sock = _free_socket()
     port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(settings), log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        create_app(settings),
+        log_level="warning",
+        lifespan="on",
+        http=bounded(settings.max_header_bytes),
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -6,6 +6,7 @@ import threading
 import time
 from typing import Any
 
+import httpx
 import pytest
 
 from sluice.queue import done_channel
@@ -137,12 +138,13 @@ def test_wait_times_out_on_an_unfinished_job(api: Api) -> None:
 
 
 def _finish_when_subscribed(api: Api, job_id: str, request_ids: list[int]) -> None:
-    # Act as the worker once the long-poll is listening: claim, write, announce.
+    # Act as the worker once the long-poll is waiting: claim, write, announce.
     deadline = time.monotonic() + 10
     channel = done_channel(job_id)
-    while dict(api.redis.pubsub_numsub(channel)).get(channel.encode(), 0) < 1:
-        assert time.monotonic() < deadline, "the long-poll never subscribed"
-        time.sleep(0.01)
+    with httpx.Client(base_url=api.url) as http:
+        while http.get("/readyz").json()["long_polls"] < 1:
+            assert time.monotonic() < deadline, "the long-poll never started waiting"
+            time.sleep(0.01)
     claimed = claim(api.db, request_ids, "test-worker", 60)
     assert len(claimed) == 1
     write_results(
