@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import AfterValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sluice.errors import ConfigError
 
-EngineName = Literal["echo", "sim", "hf", "vllm"]
+
+def _registered_engine(name: str) -> str:
+    """SLUICE_ENGINE must name an engine in the registry (worker/engines/registry.py)."""
+    # Imported by name: the sluice package never imports worker's code (the registry is data).
+    names: list[str] = importlib.import_module("worker.engines.registry").engine_names()
+    if name not in names:
+        raise ValueError(f"unknown engine {name!r}; registered engines: {', '.join(names)}")
+    return name
+
+
+EngineName = Annotated[str, AfterValidator(_registered_engine)]
 FeedMode = Literal["continuous", "batch"]
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sluice.errors import ConfigError
-from worker.engines.base import Engine, GenRequest, GenResult
+from worker.engines.base import Engine, GenRequest, GenResult, Tokenizer
 
 KINDS = ("engine-crash-on", "engine-kill-on", "engine-hang-on", "thread-crash")
 THREADS = ("claimer", "engine", "writer")
@@ -83,13 +83,10 @@ class FaultyEngine(Engine):
         # Engine-specific extras (the sim engine's meter) stay visible through the wrapper.
         return getattr(self.inner, name)
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        """The inner engine's template."""
-        return self.inner.render_chat(messages)
-
-    def count_tokens(self, text: str) -> int:
-        """The inner engine's count."""
-        return self.inner.count_tokens(text)
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The inner engine's tokenizer."""
+        return self.inner.tokenizer
 
     def add(self, request: GenRequest) -> None:
         """Admit, noting marked prompts."""

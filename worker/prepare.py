@@ -12,7 +12,7 @@ from worker.engines.base import Engine, GenRequest
 
 
 def to_gen_request(claimed: Claimed, engine: Engine) -> GenRequest:
-    """Render the prompt and check it fits; raises RequestRejected for this request only."""
+    """Render, tokenize once and check the fit; raises RequestRejected for this request only."""
     try:
         body = orjson.loads(claimed.body)
         if claimed.from_file:
@@ -22,25 +22,34 @@ def to_gen_request(claimed: Claimed, engine: Engine) -> GenRequest:
         raise RequestRejected("invalid_body", f"the stored body cannot be read: {exc}") from None
     except InvalidInput as exc:
         raise RequestRejected(exc.code, exc.message) from None
+    tokenizer = engine.tokenizer
     if claimed.endpoint == CHAT:
         assert parsed.messages is not None
         messages = [{**m, "content": message_text(m.get("content"))} for m in parsed.messages]
-        prompt = engine.render_chat(messages)
+        prompt = tokenizer.render_chat(messages)
     else:
         assert parsed.prompt is not None
         prompt = parsed.prompt
-    n_prompt = engine.count_tokens(prompt)
+    # The only tokenization and the only context check: the engine gets the ids.
+    ids = tokenizer.encode(prompt)
+    n_prompt, max_tokens = len(ids), parsed.sampling.max_tokens
+    if n_prompt == 0:
+        raise RequestRejected("invalid_prompt", "the prompt is empty: it has no tokens")
     limit = engine.max_model_len
-    if n_prompt + parsed.sampling.max_tokens > limit:
+    if n_prompt + max_tokens > limit:
         raise RequestRejected(
             "context_length_exceeded",
             f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{n_prompt + parsed.sampling.max_tokens} tokens ({n_prompt} in the prompt, "
-            f"{parsed.sampling.max_tokens} in the completion). Please reduce the length of "
+            f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, "
+            f"{max_tokens} in the completion). Please reduce the length of "
             "the prompt or max_tokens.",
         )
     return GenRequest(
-        id=claimed.id, prompt=prompt, sampling=parsed.sampling, priority=claimed.priority
+        id=claimed.id,
+        prompt=prompt,
+        sampling=parsed.sampling,
+        priority=claimed.priority,
+        prompt_token_ids=ids,
     )
 
 

@@ -129,15 +129,6 @@ def test_echo_abort_returns_abort_and_spares_the_rest() -> None:
     assert len(results) == 2
 
 
-def test_echo_rejects_a_request_that_does_not_fit_alone() -> None:
-    engine = EchoEngine(settings(max_model_len=20))
-    engine.add(req(1, max_tokens=11))  # 10 prompt words + 11 > 20
-    engine.add(req(2, max_tokens=10))
-    results = {r.id: r for r in drain(engine)}
-    assert results[1].finish_reason == "error" and "context length (20)" in str(results[1].error)
-    assert results[2].finish_reason == "stop" and results[2].error is None
-
-
 # -- sim -------------------------------------------------------------------------------
 
 

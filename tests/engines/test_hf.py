@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,14 @@ pytest.importorskip("torch", reason="the hf engine needs torch (pip install '.[h
 pytest.importorskip("transformers", reason="the hf engine needs transformers (pip install '.[hf]')")
 
 from sluice.config import load_settings
+from sluice.errors import RequestRejected
+from sluice.sampling import COMPLETIONS
+from sluice.store.work import Claimed
 from sluice.tiny_model import build_tiny_model
 from worker.engines import load_engine
 from worker.engines.base import GenRequest, GenResult, Sampling
 from worker.engines.hf import HFEngine
+from worker.prepare import to_gen_request
 
 PROMPTS = [
     "The cat sees the dog.",
@@ -57,7 +62,10 @@ def test_tiny_model_loads_with_auto_classes_offline(tiny_model: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, local_files_only=True)
     assert model.config.model_type == "llama"
-    assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
+    assert model.config.hidden_size == 128 and model.config.num_hidden_layers == 2
+    # vLLM's CPU attention needs head_dim 64 (it rejects 16); still a few MB.
+    assert model.config.head_dim == 64
+    assert (tiny_model / "model.safetensors").stat().st_size < 4_000_000
     assert tokenizer.decode(tokenizer.encode("Hello world 42", add_special_tokens=False)) == (
         "Hello world 42"
     )
@@ -75,17 +83,18 @@ def test_max_model_len_is_capped_by_the_model(engine: HFEngine) -> None:
 
 
 def test_chat_template_is_applied_with_one_bos(engine: HFEngine) -> None:
-    rendered = engine.render_chat([{"role": "user", "content": "Hello, what is the city?"}])
+    tok = engine.tokenizer
+    rendered = tok.render_chat([{"role": "user", "content": "Hello, what is the city?"}])
     assert rendered.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>")
     assert rendered.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
-    ids = engine.tokenizer.encode(rendered, add_special_tokens=False)
-    assert engine.count_tokens(rendered) == len(ids)
+    ids = engine.hf_tokenizer.encode(rendered, add_special_tokens=False)
+    assert tok.encode(rendered) == ids and ids.count(ids[0]) == 1
     # Plain text gets the BOS the model expects.
-    assert engine.count_tokens("Hi") == len(engine.tokenizer.encode("Hi"))
+    assert tok.encode("Hi") == engine.hf_tokenizer.encode("Hi")
 
 
 def test_batched_greedy_matches_one_by_one(engine: HFEngine) -> None:
-    prompts = [*PROMPTS, engine.render_chat([{"role": "user", "content": "Why?"}])]
+    prompts = [*PROMPTS, engine.tokenizer.render_chat([{"role": "user", "content": "Why?"}])]
     batch = run(engine, *(GenRequest(i, p, greedy()) for i, p in enumerate(prompts)))
     assert [r.id for r in batch] == [0, 1, 2, 3]
     singles = [run(engine, GenRequest(i, p, greedy()))[0] for i, p in enumerate(prompts)]
@@ -93,7 +102,7 @@ def test_batched_greedy_matches_one_by_one(engine: HFEngine) -> None:
     assert [r.text for r in batch] == [r.text for r in singles]
     for res in batch:
         assert res.error is None and res.text
-        assert res.prompt_tokens == engine.count_tokens(prompts[res.id])
+        assert res.prompt_tokens == len(engine.tokenizer.encode(prompts[res.id]))
         assert 1 <= res.completion_tokens <= 10
         assert res.finish_reason == ("length" if res.completion_tokens == 10 else "stop")
 
@@ -110,8 +119,9 @@ def test_one_generate_per_sampling_group_interactive_first(engine: HFEngine) -> 
 
 def test_stop_string_cuts_and_finishes_with_stop(engine: HFEngine) -> None:
     (full,) = run(engine, GenRequest(1, PROMPTS[0], greedy(12)))
-    words = [w for w in full.text.split() if w.isalnum()]
-    stop = words[1]  # a word the model produces after its first one
+    # A word the model produces after its first token, with more text after it.
+    words = [w for w in full.text.split() if w.isalnum() and 0 < full.text.index(w)]
+    stop = next(w for w in words if full.text.index(w) + len(w) + 4 < len(full.text))
     (cut,) = run(engine, GenRequest(2, PROMPTS[0], greedy(12, stop=(stop,))))
     assert cut.text == full.text[: full.text.index(stop)]
     assert cut.finish_reason == "stop"
@@ -125,19 +135,19 @@ def test_seeded_sampling_repeats(engine: HFEngine) -> None:
     assert first.text == second.text and first.error is None
 
 
-def test_too_long_prompt_is_detected_and_fails_alone(engine: HFEngine) -> None:
+def test_too_long_prompt_is_rejected_by_the_validator_alone(engine: HFEngine) -> None:
     long_prompt = " ".join(["river stone tree"] * 300)
-    assert engine.count_tokens(long_prompt) > engine.max_model_len
-    results = {
-        r.id: r
-        for r in run(
-            engine,
-            GenRequest(1, long_prompt, greedy(4)),
-            GenRequest(2, PROMPTS[0], greedy(4)),
-        )
-    }
-    assert results[1].finish_reason == "error" and "context length (512)" in str(results[1].error)
-    assert results[2].error is None and results[2].completion_tokens >= 1
+    assert len(engine.tokenizer.encode(long_prompt)) > engine.max_model_len
+    bodies = [{"prompt": long_prompt, "max_tokens": 4}, {"prompt": PROMPTS[0], "max_tokens": 4}]
+    rows = [
+        Claimed(i, "b", COMPLETIONS, 1, 1, 0, json.dumps(b), False) for i, b in enumerate(bodies)
+    ]
+    with pytest.raises(RequestRejected) as err:
+        to_gen_request(rows[0], engine)
+    assert err.value.code == "context_length_exceeded"
+    assert "maximum context length is 512 tokens" in err.value.message
+    (result,) = run(engine, to_gen_request(rows[1], engine))
+    assert result.error is None and result.completion_tokens >= 1
 
 
 def test_abort_of_a_waiting_request(engine: HFEngine) -> None:

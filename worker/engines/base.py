@@ -1,24 +1,37 @@
-"""The one interface every engine implements: add requests, step, collect finished ones."""
+"""The one interface every engine implements: add requests, step, collect finished ones.
+
+An engine is one module under worker/engines/ (registered by name in worker/engines/registry.py)
+holding a subclass of Engine. It owns its settings (what it reads from Settings, checked in
+from_settings) and its tokenizer: the worker renders and tokenizes each prompt once with
+`engine.tokenizer`, checks the context length once (worker/prepare.py) and hands the token ids
+over in GenRequest.prompt_token_ids. The runner drives engines only through add, abort, step,
+has_unfinished, busy_slots, slots and close, from one thread, so an engine that talks to a
+remote server or wraps an asyncio engine fits the same shape: add() queues, step() returns what
+finished since the last call.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+from sluice.config import Settings
 from sluice.sampling import Sampling
 
-__all__ = ["Engine", "GenRequest", "GenResult", "Sampling"]
+__all__ = ["Engine", "GenRequest", "GenResult", "Sampling", "Tokenizer"]
 
 
 @dataclass
 class GenRequest:
-    """A request ready for an engine: a rendered prompt and its sampling."""
+    """A request ready for an engine: its prompt, token ids and sampling."""
 
     id: int
     prompt: str
     sampling: Sampling
     priority: int = 1  # 0 interactive, 1 bulk: lower is admitted first
+    # Set by the worker (tokenized once, context checked); None only when a caller hands a
+    # prompt straight to an engine, which then encodes it with its own tokenizer.
     prompt_token_ids: list[int] | None = None
 
 
@@ -34,10 +47,23 @@ class GenResult:
     error: str | None = None
 
 
+class Tokenizer(Protocol):
+    """The engine's view of its model's tokenizer: what the validator needs, nothing more."""
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        """Apply the model's chat template (with the generation prompt)."""
+        ...
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids the model will see for this prompt (special tokens as the engine adds)."""
+        ...
+
+
 class Engine(ABC):
     """An engine holding up to `slots` sequences; the worker feeds it continuously.
 
-    Threading: add(), abort() and step() are called from one thread (the engine thread).
+    Threading: add(), abort() and step() are called from one thread (the engine thread);
+    `tokenizer` is used from the claimer thread, so it must not share state with step().
     """
 
     name: str = "engine"
@@ -46,6 +72,10 @@ class Engine(ABC):
     # from settings.max_model_len as the model permits.
     _slots: int
     _max_model_len: int
+
+    @abstractmethod
+    def __init__(self, settings: Settings) -> None:
+        """Take what applies from settings and load the model; ConfigError on bad settings."""
 
     @property
     def slots(self) -> int:
@@ -57,13 +87,16 @@ class Engine(ABC):
         """Context length: prompt tokens plus max_tokens must fit."""
         return self._max_model_len
 
+    @property
     @abstractmethod
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        """Apply the model's chat template (with the generation prompt)."""
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer whose ids this engine expects in GenRequest.prompt_token_ids."""
 
-    @abstractmethod
-    def count_tokens(self, text: str) -> int:
-        """Number of prompt tokens the engine will see for this text."""
+    def prompt_ids(self, request: GenRequest) -> list[int]:
+        """The request's token ids: the worker's, else encoded here."""
+        if request.prompt_token_ids is not None:
+            return request.prompt_token_ids
+        return self.tokenizer.encode(request.prompt)
 
     @abstractmethod
     def add(self, request: GenRequest) -> None:
@@ -86,4 +119,4 @@ class Engine(ABC):
         return 0
 
     def close(self) -> None:  # noqa: B027 - optional hook
-        """Release the model (GPU memory, threads)."""
+        """Release the model (GPU memory, threads, child processes); never hangs."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sluice.config import Settings
 from worker.engines.base import GenRequest, GenResult
-from worker.engines.text import PlainTextEngine, WaitQueue, context_error, echo_output
+from worker.engines.text import PlainTextEngine, WaitQueue, echo_output
 
 
 class EchoEngine(PlainTextEngine):
@@ -19,17 +19,10 @@ class EchoEngine(PlainTextEngine):
         self._done: list[GenResult] = []  # aborted or rejected, returned by the next step
 
     def _prompt_tokens(self, request: GenRequest) -> int:
-        if request.prompt_token_ids is not None:
-            return len(request.prompt_token_ids)
-        return self.count_tokens(request.prompt)
+        return len(self.prompt_ids(request))
 
     def add(self, request: GenRequest) -> None:
-        """Queue the request, or reject it now if it does not fit the context."""
-        prompt_tokens = self._prompt_tokens(request)
-        error = context_error(prompt_tokens, request.sampling.max_tokens, self.max_model_len)
-        if error is not None:
-            self._done.append(GenResult(request.id, "", "error", prompt_tokens, 0, error))
-            return
+        """Queue the request (the worker checked that it fits the context)."""
         self._waiting.push(request.id, request.priority, request)
 
     def abort(self, ids: list[int]) -> None:

@@ -12,7 +12,7 @@ from sluice.config import Settings
 from sluice.errors import ConfigError
 from worker.engines.base import Engine, GenRequest, GenResult, Sampling
 from worker.engines.meter import OccupancyMeter
-from worker.engines.text import WaitQueue, apply_stop, context_error
+from worker.engines.text import WaitQueue, apply_stop
 
 _DTYPES = {
     "half": torch.float16,
@@ -39,6 +39,29 @@ def _dtype(name: str, device: torch.device) -> torch.dtype | str:
     return _DTYPES[name]
 
 
+class HFTokenizer:
+    """A transformers tokenizer as the worker uses it: chat template, then ids with one BOS."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        """The tokenizer's chat template, with the generation prompt."""
+        rendered = self._tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        if not isinstance(rendered, str):
+            raise TypeError(f"chat template returned {type(rendered).__name__}, not text")
+        return rendered
+
+    def encode(self, text: str) -> list[int]:
+        """Prompt ids; a rendered chat prompt already starts with BOS, so none is added then."""
+        bos = self._tok.bos_token
+        add_special = not (isinstance(bos, str) and bos and text.startswith(bos))
+        ids = self._tok.encode(text, add_special_tokens=add_special)
+        return [int(i) for i in ids]
+
+
 class HFEngine(Engine):
     """Runs one generate() per step over up to `slots` waiting requests with equal sampling."""
 
@@ -47,7 +70,8 @@ class HFEngine(Engine):
     def __init__(self, settings: Settings) -> None:
         self.device = _device(settings.device)
         # local_files_only: the worker never downloads; models are prepared ahead.
-        self.tokenizer = AutoTokenizer.from_pretrained(settings.model, local_files_only=True)
+        self.hf_tokenizer = AutoTokenizer.from_pretrained(settings.model, local_files_only=True)
+        self._tokenizer = HFTokenizer(self.hf_tokenizer)
         # from_pretrained returns the model in eval mode (no dropout).
         self.model = AutoModelForCausalLM.from_pretrained(
             settings.model, local_files_only=True, dtype=_dtype(settings.dtype, self.device)
@@ -55,7 +79,7 @@ class HFEngine(Engine):
         # transformers' decorator on to() hides its real signature from mypy.
         self.model.to(self.device)  # type: ignore[arg-type]
         self._eos_ids = self._eos_token_ids()
-        pad_id = self.tokenizer.pad_token_id
+        pad_id = self.hf_tokenizer.pad_token_id
         self._pad_id: int = self._eos_ids[0] if pad_id is None else int(pad_id)
         model_max = getattr(self.model.config, "max_position_embeddings", None)
         self._max_model_len = min(settings.max_model_len, int(model_max or settings.max_model_len))
@@ -69,46 +93,26 @@ class HFEngine(Engine):
         # lists next to the tokenizer's eos; generation stops at any of them.
         ids = self.model.generation_config.eos_token_id
         found = [ids] if isinstance(ids, int) else list(ids or [])
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in found:
-            found.append(int(self.tokenizer.eos_token_id))
+        eos = self.hf_tokenizer.eos_token_id
+        if eos is not None and eos not in found:
+            found.append(int(eos))
         if not found:
             raise ConfigError(f"model {self.model.name_or_path!r} defines no eos token")
         return [int(i) for i in found]
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        """The tokenizer's chat template, with the generation prompt."""
-        rendered = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        if not isinstance(rendered, str):
-            raise TypeError(f"chat template returned {type(rendered).__name__}, not text")
-        return rendered
-
-    def _encode(self, text: str) -> list[int]:
-        # A rendered chat prompt already starts with BOS; adding another would skew the model.
-        bos = self.tokenizer.bos_token
-        add_special = not (isinstance(bos, str) and bos and text.startswith(bos))
-        ids = self.tokenizer.encode(text, add_special_tokens=add_special)
-        return [int(i) for i in ids]
-
-    def count_tokens(self, text: str) -> int:
-        """Prompt tokens as this engine will feed them to the model."""
-        return len(self._encode(text))
+    @property
+    def tokenizer(self) -> HFTokenizer:
+        """The model's tokenizer, with its chat template."""
+        return self._tokenizer
 
     def busy_slots(self) -> int:
         """HF runs nothing between steps."""
         return 0
 
     def add(self, request: GenRequest) -> None:
-        """Queue the request, or reject it now if it does not fit the context."""
+        """Queue the request (the worker checked that it fits the context)."""
         self.meter.mark_add()
-        ids = request.prompt_token_ids
-        if ids is None:
-            ids = self._encode(request.prompt)
-        error = context_error(len(ids), request.sampling.max_tokens, self.max_model_len)
-        if error is not None:
-            self._done.append(GenResult(request.id, "", "error", len(ids), 0, error))
-            return
+        ids = self.prompt_ids(request)
         self._waiting.push(request.id, request.priority, (request, ids))
 
     def abort(self, ids: list[int]) -> None:
@@ -178,7 +182,7 @@ class HFEngine(Engine):
         if sampling.stop:
             # Ends a row early once it has produced a stop string (transformers also looks
             # across the prompt boundary, vLLM only in the output; apply_stop cuts the text).
-            kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+            kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.hf_tokenizer)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -187,7 +191,7 @@ class HFEngine(Engine):
         for (request, ids), row in zip(batch, new_tokens, strict=True):
             end = next((i for i, t in enumerate(row) if t in self._eos_ids), None)
             generated = row if end is None else row[:end]
-            decoded = self.tokenizer.decode(generated, skip_special_tokens=True)
+            decoded = self.hf_tokenizer.decode(generated, skip_special_tokens=True)
             text, cut = apply_stop(str(decoded), sampling.stop)
             hit_limit = end is None and len(row) >= sampling.max_tokens
             finish = "stop" if cut or not hit_limit else "length"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from sluice.config import Settings
 from worker.engines.base import GenRequest, GenResult
 from worker.engines.meter import OccupancyMeter
-from worker.engines.text import PlainTextEngine, WaitQueue, context_error, sim_output
+from worker.engines.text import PlainTextEngine, WaitQueue, sim_output
 
 
 @dataclass
@@ -51,18 +51,10 @@ class SimEngine(PlainTextEngine):
         return len(self._running)
 
     def add(self, request: GenRequest) -> None:
-        """Queue the request for a free slot, or reject it now if it does not fit."""
+        """Queue the request for a free slot (the worker checked that it fits the context)."""
         self.meter.mark_add()
         s = request.sampling
-        prompt_tokens = (
-            len(request.prompt_token_ids)
-            if request.prompt_token_ids is not None
-            else self.count_tokens(request.prompt)
-        )
-        error = context_error(prompt_tokens, s.max_tokens, self.max_model_len)
-        if error is not None:
-            self._done.append(GenResult(request.id, "", "error", prompt_tokens, 0, error))
-            return
+        prompt_tokens = len(self.prompt_ids(request))
         out, finish, target = sim_output(request.prompt, s.max_tokens, s.stop)
         seq = _Seq(request, prompt_tokens, out, finish, target)
         self._waiting.push(request.id, request.priority, seq)

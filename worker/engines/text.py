@@ -71,16 +71,6 @@ def sim_output(prompt: str, max_tokens: int, stop: Sequence[str] = ()) -> tuple[
     return text, "length", max_tokens
 
 
-def context_error(prompt_tokens: int, max_tokens: int, max_model_len: int) -> str | None:
-    """The error for a request that does not fit the context window, or None if it fits."""
-    if prompt_tokens + max_tokens <= max_model_len:
-        return None
-    return (
-        f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds "
-        f"the model's context length ({max_model_len})"
-    )
-
-
 class WaitQueue(Generic[T]):
     """Waiting requests in admission order: lower priority value first, then FIFO."""
 
@@ -130,13 +120,25 @@ class WaitQueue(Generic[T]):
         return [self._items[e[2]][1] for e in sorted(self._heap) if self._live(e)]
 
 
-class PlainTextEngine(Engine):
-    """Base of the cheap engines: whitespace tokens and the '<|role|>' chat template."""
+class WordTokenizer:
+    """Whitespace 'tokens' and the '<|role|>' template: the cheap engines' tokenizer."""
 
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
         """The plain '<|role|>' template."""
         return render_chat(messages)
 
-    def count_tokens(self, text: str) -> int:
-        """Whitespace-separated words."""
-        return count_words(text)
+    def encode(self, text: str) -> list[int]:
+        """One placeholder id per whitespace-separated word (only the count means anything)."""
+        return [0] * count_words(text)
+
+
+WORD_TOKENIZER = WordTokenizer()
+
+
+class PlainTextEngine(Engine):
+    """Base of the cheap engines: whitespace tokens and the '<|role|>' chat template."""
+
+    @property
+    def tokenizer(self) -> WordTokenizer:
+        """Whitespace words."""
+        return WORD_TOKENIZER
