@@ -202,7 +202,8 @@ def find_nul(value: Any, path: str = "") -> str | None:
         return path if "\x00" in value else None
     if isinstance(value, dict):
         for key, item in value.items():
-            where = f"{path}.{key}" if path else str(key)
+            name = str(key).replace("\x00", "\\u0000")  # the path is echoed back in errors
+            where = f"{path}.{name}" if path else name
             if isinstance(key, str) and "\x00" in key:
                 return where
             found = find_nul(item, where)
