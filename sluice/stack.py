@@ -1,21 +1,38 @@
-"""The local stack: embedded Redis, migrations, then API and worker processes."""
+"""The local stack: embedded Redis, migrations, then API and worker processes, supervised.
+
+`supervise()` restarts a child that exits: a crashed worker's leases are released at once
+(each incarnation gets its own SLUICE_WORKER_ID, the owner name on its leases), so its rows
+run again without waiting out the lease; the API stays up meanwhile.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from sluice.config import Settings
+from sluice.db import Database
 from sluice.migrate import upgrade
 from sluice.redis_server import ensure_redis
+from sluice.store import work
+
+log = logging.getLogger("sluice.stack")
+
+# A child that dies sooner than this after its start is crash-looping: restarts back off.
+HEALTHY_AFTER = 30.0
+MAX_BACKOFF = 30.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -23,6 +40,24 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+@dataclass
+class Child:
+    """One supervised process: what started it, and its restarts."""
+
+    args: tuple[str, ...]
+    proc: subprocess.Popen[bytes]
+    started: float
+    worker_id: str | None = None
+    restarts: int = 0
+    restart_at: float | None = None  # a restart waiting out its backoff
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The sluice subcommand it runs."""
+        return self.args[0]
 
 
 class Stack:
@@ -41,8 +76,8 @@ class Stack:
         self.port = port
         self.extra_env = dict(env or {})
         self.quiet = quiet
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.names: list[str] = []
+        self.children: list[Child] = []
+        self._stopping = threading.Event()
         self.redis = ensure_redis(settings)
         self.url = f"http://{host}:{port}"
 
@@ -56,20 +91,41 @@ class Stack:
             "SLUICE_DATABASE_URL": self.settings.resolved_database_url,
         }
 
+    @property
+    def procs(self) -> list[subprocess.Popen[bytes]]:
+        """The children's current processes, in start order."""
+        return [c.proc for c in self.children]
+
+    @property
+    def names(self) -> list[str]:
+        """The children's subcommands, in start order."""
+        return [c.name for c in self.children]
+
     def spawn(self, *args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
         """Start `sluice ARGS...` as a child; quiet mode logs to DATA_DIR/<command>.log."""
+        child = Child(args, *self._popen(args, dict(env or {})), extra_env=dict(env or {}))
+        self.children.append(child)
+        return child.proc
+
+    def _popen(
+        self, args: tuple[str, ...], env: dict[str, str]
+    ) -> tuple[subprocess.Popen[bytes], float, str | None]:
+        """Start the process: (process, start time, worker id for a worker)."""
         log_dir = Path(self.settings.data_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         stream = open(log_dir / f"{args[0]}.log", "ab") if self.quiet else None  # noqa: SIM115
+        if args[0] == "worker":
+            # Its own owner name on its leases, so they can be released when it dies.
+            env = {**env, "SLUICE_WORKER_ID": f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"}
         proc = subprocess.Popen(
             [sys.executable, "-m", "sluice.cli", *args],
-            env={**self.child_env(), **(env or {})},
+            env={**self.child_env(), **env},
             stdout=stream,
             stderr=subprocess.STDOUT if self.quiet else None,
         )
-        self.names.append(args[0])
-        self.procs.append(proc)
-        return proc
+        if stream is not None:
+            stream.close()  # the child holds its own copy
+        return proc, time.monotonic(), env.get("SLUICE_WORKER_ID")
 
     def start(self, timeout: float = 120.0) -> None:
         """Migrate, start the API and one worker, wait until the API answers /readyz."""
@@ -95,27 +151,76 @@ class Stack:
             time.sleep(0.2)
         raise RuntimeError(f"the API did not become ready at {self.url} in {timeout:.0f}s")
 
-    def wait(self) -> int:
-        """Block until a child exits; returns its exit code."""
-        while True:
-            for p in self.procs:
-                code = p.poll()
+    def supervise(self, poll: float = 0.2) -> None:
+        """Keep every child running until interrupted: restart what exits, with a backoff
+        when it crash-loops, releasing a dead worker's leases first."""
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            for child in self.children:
+                if child.restart_at is not None:
+                    if now >= child.restart_at:
+                        self._restart(child)
+                    continue
+                code = child.proc.poll()
                 if code is not None:
-                    return code
-            time.sleep(0.5)
+                    self._on_exit(child, code)
+            self._stopping.wait(poll)
+
+    def _on_exit(self, child: Child, code: int) -> None:
+        """A child died: say so, release a worker's leases, schedule the restart."""
+        if self._stopping.is_set():
+            return
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        ran = time.monotonic() - child.started
+        backoff = 0.0 if ran > HEALTHY_AFTER else min(MAX_BACKOFF, 2.0**child.restarts)
+        print(
+            f"sluice {child.name} {how} after {ran:.0f}s; restarting it"
+            + (f" in {backoff:.0f}s" if backoff else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+        if child.worker_id:
+            self._release(child.worker_id)
+        child.restarts = 0 if ran > HEALTHY_AFTER else child.restarts + 1
+        child.restart_at = time.monotonic() + backoff
+
+    def _release(self, worker_id: str) -> None:
+        """Put a dead worker's rows back in the queue now rather than after its leases."""
+        db = Database(self.settings.resolved_database_url)
+        try:
+            requeued, _ = work.release_owner(db, worker_id, self.settings.max_attempts)
+            if requeued:
+                print(
+                    f"released {len(requeued)} requests the worker held",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        except Exception as exc:  # the database may be down too: the leases expire instead
+            print(f"could not release the worker's requests ({exc}); their leases will expire",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        finally:
+            db.dispose()
+
+    def _restart(self, child: Child) -> None:
+        child.restart_at = None
+        if self._stopping.is_set():
+            return
+        child.proc, child.started, child.worker_id = self._popen(child.args, child.extra_env)
 
     def stop(self, timeout: float = 60.0) -> None:
         """SIGTERM the children (warm shutdown), then stop the embedded Redis."""
-        for p in self.procs:
+        self._stopping.set()
+        # Last started, first stopped: workers finish their writes while the API still answers.
+        procs = self.procs[::-1]
+        for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for p in self.procs:
+        for p in procs:
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        self.procs.clear()
-        self.names.clear()
+        self.children.clear()
         self.redis.stop()

@@ -24,8 +24,12 @@ from worker.stats import StatsPublisher
 log = logging.getLogger("sluice.worker")
 
 
-def run_worker(settings: Settings, redis_url: str, loglevel: str = "INFO") -> None:
-    """Run one worker process until SIGTERM/SIGINT (warm shutdown: in-flight work finishes)."""
+def run_worker(settings: Settings, redis_url: str, loglevel: str = "INFO") -> int:
+    """Run one worker process until SIGTERM/SIGINT; returns its exit code.
+
+    Warm shutdown drains the runner: the engine's work gets the grace, the rest of what this
+    worker claimed goes back to the queue at once.
+    """
     owner = settings.worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     faults = Faults.parse(settings.faults)
     db = get_database(settings)
@@ -70,9 +74,13 @@ def run_worker(settings: Settings, redis_url: str, loglevel: str = "INFO") -> No
     finally:
         listener.stop()
         reconciler.stop()
-        runner.stop()
+        # Also when the consumer died on its own (no signal, so no drain yet).
+        runner.drain(settings.shutdown_grace)
+        runner.stop(settings.shutdown_grace + 5)
         # After the runner: the last publish includes the last writes.
         stats.stop()
         set_runner(None)
         engine.close()
         db.dispose()
+    # Celery's own code: non-zero when the consumer died, so a supervisor restarts the worker.
+    return int(worker.exitcode or 0)

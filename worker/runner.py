@@ -148,6 +148,7 @@ class Runner:
         self._next_suspect_check = 0.0
         self._drain_deadline: float | None = None  # engine thread: set by a Drain
         self._claimer_done = False  # engine thread: the claimer has stopped
+        self._overrun_timer: threading.Timer | None = None
 
     # -- called by Celery task threads ------------------------------------------------
     def submit(self, ids: Iterable[int], priority: int) -> Ticket:
@@ -216,6 +217,8 @@ class Runner:
         self._results.put(None)
         for t in self._threads:
             t.join(timeout)
+        if self._overrun_timer is not None:
+            self._overrun_timer.cancel()
 
     def drain(self, grace: float) -> None:
         """Graceful shutdown, without blocking: stop claiming, release what never reached the
@@ -234,9 +237,9 @@ class Runner:
             self._cv.notify_all()
         log.info("draining: %d requests held, %.0fs grace", len(self._inflight), grace)
         self._inbox.put(Drain(time.monotonic() + grace))
-        overrun = threading.Timer(grace + SHUTDOWN_MARGIN, self._overrun)
-        overrun.daemon = True
-        overrun.start()
+        self._overrun_timer = threading.Timer(grace + SHUTDOWN_MARGIN, self._overrun)
+        self._overrun_timer.daemon = True
+        self._overrun_timer.start()
 
     def _overrun(self) -> None:
         """The drain missed its deadline: release everything held and exit."""
@@ -263,7 +266,8 @@ class Runner:
                     self.fail(f"an engine step has not returned in {stalled:.0f}s", True)
                     return
             for t in self._threads:
-                if not t.is_alive() and not self._stop.is_set():
+                # Threads end on their own only when stopping or draining.
+                if not t.is_alive() and not self._stop.is_set() and not self._draining:
                     self.fail(f"runner thread {t.name} is gone", engine_fault=False)
                     return
 
@@ -467,6 +471,7 @@ class Runner:
             self.faults.turn("engine")
             if not engine.has_unfinished():
                 if stopping or (self._drain_deadline is not None and self._claimer_done):
+                    self._release_unadmitted()
                     return
                 # Idle: block until the claimer hands over work.
                 stopping = self._admit(self._inbox.get()) or stopping
@@ -490,6 +495,16 @@ class Runner:
                 # Batch mode, chunk still arriving: wait for its next request.
                 with contextlib.suppress(queue.Empty):
                     stopping = self._admit(self._inbox.get(timeout=0.05)) or stopping
+
+    def _release_unadmitted(self) -> None:
+        """On the way out: claimed work still in the inbox goes back to the queue."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, list):
+                self._results.put(Release([r.id for r in item]))
 
     def _drain_due(self) -> bool:
         return self._drain_deadline is not None and time.monotonic() >= self._drain_deadline

@@ -8,7 +8,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import BigInteger, Connection, and_, any_, bindparam, func, select, text, update
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Select,
+    and_,
+    any_,
+    bindparam,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from sluice.db import Database
@@ -115,7 +126,17 @@ def claim_next(
     if db.is_postgres:
         # Two workers picking at once each get different rows instead of queueing on locks.
         pick = pick.with_for_update(skip_locked=True)
-    return _claim(db, requests.c.id.in_(pick.scalar_subquery()), owner, lease_seconds)
+    return _claim(db, _picked(db, pick), owner, lease_seconds)
+
+
+def _picked(db: Database, pick: Select[tuple[int]]) -> Any:
+    """`id IN (pick)`, the pick run once. PostgreSQL may plan a LIMIT ... FOR UPDATE SKIP
+    LOCKED subquery as the inner side of a nested loop and rescan it per row, skipping the
+    rows it just updated each time: the claim then takes far more than its limit."""
+    if db.is_postgres:
+        picked = pick.cte("picked").prefix_with("MATERIALIZED")
+        return requests.c.id.in_(select(picked.c.id))
+    return requests.c.id.in_(pick.scalar_subquery())
 
 
 def _claim(
@@ -390,9 +411,7 @@ def claim_suspects(
     )
     if db.is_postgres:
         pick = pick.with_for_update(skip_locked=True)
-    return _claim(
-        db, requests.c.id.in_(pick.scalar_subquery()), owner, lease_seconds, suspects=True
-    )
+    return _claim(db, _picked(db, pick), owner, lease_seconds, suspects=True)
 
 
 def expire_batches(db: Database) -> list[str]:
