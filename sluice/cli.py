@@ -74,8 +74,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     url = ensure_redis(settings, detach=True).url
     main = importlib.import_module("worker.main")
-    main.run_worker(settings, url, loglevel=args.loglevel)
-    return 0
+    code: int = main.run_worker(settings, url, loglevel=args.loglevel)
+    return code
 
 
 def cmd_db_upgrade(_args: argparse.Namespace, settings: Settings) -> int:
