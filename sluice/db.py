@@ -117,9 +117,16 @@ def _sqlite_engine(url: str, begin: str) -> Engine:
 _databases: dict[str, Database] = {}
 
 
-def get_database(settings: Settings) -> Database:
-    """The process's Database for the configured URL."""
+def get_database(settings: Settings, ping_after_idle: float | None = None) -> Database:
+    """The process's Database for the configured URL.
+
+    ping_after_idle: ping a pooled connection idle this long before handing it out
+    (default SLUICE_DB_PING_AFTER_IDLE; the API passes 0: every checkout, so the first
+    call after a database restart succeeds however quick the restart).
+    """
     url = settings.resolved_database_url
-    if url not in _databases:
-        _databases[url] = Database(url, settings.db_ping_after_idle)
-    return _databases[url]
+    ping = settings.db_ping_after_idle if ping_after_idle is None else ping_after_idle
+    key = f"{url}#{ping}"
+    if key not in _databases:
+        _databases[key] = Database(url, ping)
+    return _databases[key]

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Path
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from api.deps import DbDep, RedisDep, SettingsDep, StateDep
+from api.deps import AppState, DbDep, RedisDep, SettingsDep, StateDep
 from api.docs import COMMON, ERRORS
 from api.errors import ApiError
 from sluice.db import Database
@@ -31,6 +31,11 @@ async def healthz() -> dict[str, str]:
 def _select_one(db: Database) -> None:
     with db.read() as conn:
         conn.execute(text("SELECT 1")).scalar()
+
+
+def _listener(state: AppState) -> str:
+    # The one pub/sub connection that wakes long-polls (api/listener.py).
+    return "subscribed" if state.listener.healthy else "reconnecting"
 
 
 @router.get("/readyz", response_model=None, responses={503: COMMON[503]})
@@ -60,6 +65,7 @@ async def readyz(db: DbDep, redis: RedisDep, state: StateDep) -> JSONResponse:
             "down": down,
             "checks": checks,
             "long_polls": state.listener.count,
+            "listener": _listener(state),
             "error": {
                 "message": message,
                 "type": "server_error",
@@ -72,7 +78,14 @@ async def readyz(db: DbDep, redis: RedisDep, state: StateDep) -> JSONResponse:
             body, status_code=503, headers={"Retry-After": str(state.settings.retry_after_seconds)}
         )
     # long_polls: clients held in ?wait= right now (SLUICE_MAX_LONG_POLLS bounds them).
-    return JSONResponse({"status": "ready", "checks": checks, "long_polls": state.listener.count})
+    return JSONResponse(
+        {
+            "status": "ready",
+            "checks": checks,
+            "long_polls": state.listener.count,
+            "listener": _listener(state),
+        }
+    )
 
 
 def _model(name: str) -> dict[str, Any]:
