@@ -86,8 +86,8 @@ def _ping_idle_connections(engine: Engine, after: float) -> None:
         if since is None or time.monotonic() - since < after:
             return
         try:
+            # As SQLAlchemy's pre-ping: the transaction this opens is the caller's.
             dbapi_conn.execute("SELECT 1")
-            dbapi_conn.rollback()
         except Exception as err:
             # The pool discards this connection and checks out (or opens) another.
             raise exc.DisconnectionError(f"idle connection is dead: {err}") from err
