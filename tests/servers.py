@@ -1,4 +1,4 @@
-"""A PostgreSQL cluster and a redis-server of the test's own, to stop and start at will."""
+"""A PostgreSQL cluster and a redis-server of a test's own, to stop, kill and start at will."""
 
 from __future__ import annotations
 

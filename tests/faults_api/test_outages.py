@@ -26,7 +26,7 @@ from sluice.queue import done_channel
 from sluice.store.work import Result, claim, write_results
 from tests.api.conftest import serve
 from tests.api.helpers import batch_line, jsonl
-from tests.faults_api.servers import PgCluster, RedisServer, pg_cluster, redis_server
+from tests.servers import PgCluster, RedisServer, pg_cluster, redis_server
 
 OUTAGE_SECONDS = 3.0
 SHARED_REDIS = "redis://127.0.0.1:6379/15"
