@@ -8,7 +8,6 @@ from contextlib import asynccontextmanager
 
 import anyio
 from fastapi import FastAPI
-from redis.asyncio import Redis
 
 from api.backpressure import QueueGauge
 from api.deps import AppState
@@ -19,6 +18,7 @@ from api.routes import batches, files, health, jobs
 from sluice.config import Settings, get_settings
 from sluice.db import get_database
 from sluice.queue import make_celery
+from sluice.redis_clients import async_client
 from sluice.redis_server import ensure_redis
 
 log = logging.getLogger("sluice.api")
@@ -46,7 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redis_url = await _redis_url(settings)
         celery = make_celery(settings, redis_url)
         # No read timeout: the long-poll listener waits on its pub/sub socket.
-        redis = Redis.from_url(redis_url, socket_connect_timeout=5)
+        redis = async_client(redis_url)
         listener = DoneListener(redis)
         gauge = QueueGauge(settings, db)
         app.state.sluice = AppState(settings, db, celery, redis, redis_url, listener, gauge)

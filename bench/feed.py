@@ -727,7 +727,7 @@ def report(
     if held:
         lines.append(
             _probes(f"during, {HELD_CHUNK} ids/msg, {HELD_THREADS} threads", held)
-            + " (every worker thread holds a bulk message; the job is claimed from the database)"
+            + " (bulk messages queue ahead of the job's; it is claimed from the database)"
         )
     if single is not None:
         lines += [

@@ -151,8 +151,8 @@ class Settings(BaseSettings):
 
     @property
     def resolved_worker_threads(self) -> int:
-        """Celery pool threads: enough held messages to keep the engine fed by single jobs."""
-        return self.worker_threads or self.inflight_target + 8
+        """Celery pool threads: tasks only hand ids to the runner, so a few suffice."""
+        return self.worker_threads or 4
 
 
 def load_settings(**overrides: object) -> Settings:

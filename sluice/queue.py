@@ -31,20 +31,20 @@ def broker_url(redis_url: str) -> str:
 
 
 def make_celery(settings: Settings, redis_url: str) -> Celery:
-    """A Celery app on the broker: acks after the work is committed, one message at a time."""
+    """A Celery app on the broker: one message at a time per pool thread, acked on receipt."""
     app = Celery("sluice", broker=broker_url(redis_url), set_as_current=False)
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
+        # A message only names rows that wait, queued, in the database: acked on receipt.
+        task_acks_late=False,
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         worker_send_task_events=True,
         task_send_sent_event=False,
         broker_connection_retry_on_startup=True,
-        # A held message is redelivered after this; it must outlast the longest wait.
+        # A prefetched message is redelivered after this if its worker dies first.
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},
         task_default_queue=queue_name(settings.served_model, 1),
     )

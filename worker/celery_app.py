@@ -5,13 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from kombu.transport import redis as kombu_redis
 
 from sluice.config import Settings
 from sluice.queue import TASK_NAME, make_celery
 from worker.runner import Runner, RunnerFailed
-
-# How often a task thread waiting on its ticket checks that the runner is still alive.
-TICKET_POLL_SECONDS = 1.0
 
 _runner: Runner | None = None
 
@@ -24,21 +22,28 @@ def set_runner(runner: Runner | None) -> None:
 
 def create_worker_app(settings: Settings, redis_url: str) -> Celery:
     """The Celery app with the task registered."""
+    # Messages are wake-ups (the database is the queue): nothing needs putting back when a
+    # channel closes. kombu 5.7 tries to anyway after a lost connection, through the pool of
+    # a connection it has already dropped, and the AttributeError kills the consumer.
+    kombu_redis.QoS.restore_at_shutdown = False
     app = make_celery(settings, redis_url)
 
-    @app.task(name=TASK_NAME, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
+    @app.task(name=TASK_NAME, acks_late=False, ignore_result=True)  # type: ignore[untyped-decorator]
     def run_requests(ids: list[int], priority: int = 1) -> dict[str, Any]:
-        """Run these requests; return once their results are committed (then Celery acks)."""
+        """Hand these ids to the runner and return at once (the message is acked on receipt).
+
+        Nothing is held: the rows are queued in the database, where this worker claims them
+        as the engine has room, or another worker's idle poll does if this one dies. Holding
+        messages until their results were written meant hundreds of unacked messages per
+        worker, shutdowns that waited for all of them, and late acks on a channel that a
+        Redis restart had closed (kombu's AttributeError on them kills the consumer).
+        """
         runner = _runner
         if runner is None:
             raise RuntimeError("the runner is not started in this process")
-        ticket = runner.submit(ids, priority)
-        while not ticket.wait(TICKET_POLL_SECONDS):
-            if runner.failure:
-                break
         if runner.failure:
-            # The process is exiting; the rows are back in the database's queue.
             raise RunnerFailed(runner.failure)
+        runner.submit(ids, priority)
         return {"requests": len(ids)}
 
     return app

@@ -7,12 +7,12 @@ import os
 import socket
 import uuid
 
-import redis
 from celery.signals import worker_shutting_down
 
 from sluice.config import Settings
 from sluice.db import get_database
 from sluice.queue import done_channel, queue_name
+from sluice.redis_clients import sync_client
 from worker.celery_app import create_worker_app, set_runner
 from worker.engines import load_engine
 from worker.faults import Faults
@@ -33,7 +33,7 @@ def run_worker(settings: Settings, redis_url: str, loglevel: str = "INFO") -> in
     owner = settings.worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     faults = Faults.parse(settings.faults)
     db = get_database(settings)
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(redis_url)
     engine = load_engine(settings)
     log.info(
         "engine %s loaded: model %s, %d slots", settings.engine, settings.served_model, engine.slots

@@ -1,12 +1,13 @@
 """The runner: claim -> engine -> write, on three threads, keeping the engine full.
 
-Celery task threads hand request ids to `submit()` and wait on a Ticket. The claimer leases
+Celery tasks hand request ids to `submit()` and return (messages are only wake-ups; the
+rows wait, queued, in the database). `submit()` returns a Ticket that in-process callers
+(tests, benchmarks) may wait on. The claimer leases
 rows in the database while fewer than `inflight_target` are in flight (about 2x the engine's
 slots): the model's queued interactive rows first, then the ids messages named, else any
 queued rows of the model. The engine thread only adds and steps, and the writer commits
 results in bulk. A ticket completes when every id it named is committed by this worker or was
-not claimable (finished already, or leased by another worker), so the message is acked after
-the commit.
+not claimable (finished already, or leased by another worker).
 
 Never hang: a runner thread that dies, or an engine step that stalls past
 `engine_stall_seconds`, fails the runner: its rows go back to the queue (those in the engine
