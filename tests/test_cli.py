@@ -8,6 +8,8 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -51,6 +53,49 @@ def test_up_serves_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         assert proc.wait(60) == 0
         _gone, alive = psutil.wait_procs(children, timeout=30)
         assert not alive, f"left running: {alive}"
+    finally:
+        if proc.poll() is None:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+            proc.kill()
+
+
+def test_up_restarts_a_killed_worker_and_keeps_the_api(tmp_path: Path) -> None:
+    port = free_port()
+    errors = tmp_path / "stderr.txt"
+    with open(errors, "w") as err:
+        proc = subprocess.Popen(
+            [*SLUICE, "up", "--port", str(port)],
+            env=_env(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "Sluice is up at" in line:
+                break
+        # Keep reading: the children share this pipe and must never block on it.
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        workers = [c for c in psutil.Process(proc.pid).children() if "worker" in c.cmdline()]
+        assert len(workers) == 1
+        workers[0].kill()
+        # The supervisor says what happened, and starts another worker.
+        deadline = time.monotonic() + 30
+        while "sluice worker was killed by signal 9" not in errors.read_text():
+            assert time.monotonic() < deadline, errors.read_text()[-2000:]
+            time.sleep(0.1)
+        assert "restarting it" in errors.read_text()
+        assert proc.poll() is None
+        # The API never went away, and the new worker serves.
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        job = http.post("/v1/jobs", json={"prompt": "after the crash", "max_tokens": 8})
+        assert job.status_code == 202, job.text
+        done = http.get(f"/v1/jobs/{job.json()['id']}", params={"wait": 60}).json()
+        assert done["output"] == "after the crash"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
             for child in psutil.Process(proc.pid).children(recursive=True):
