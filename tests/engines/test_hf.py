@@ -120,7 +120,7 @@ def test_one_generate_per_sampling_group_interactive_first(engine: HFEngine) -> 
 def test_stop_string_cuts_and_finishes_with_stop(engine: HFEngine) -> None:
     (full,) = run(engine, GenRequest(1, PROMPTS[0], greedy(12)))
     # A word the model produces after its first token, with more text after it.
-    words = [w for w in full.text.split() if w.isalnum() and 0 < full.text.index(w)]
+    words = [w for w in full.text.split() if w.isalnum() and full.text.index(w) > 0]
     stop = next(w for w in words if full.text.index(w) + len(w) + 4 < len(full.text))
     (cut,) = run(engine, GenRequest(2, PROMPTS[0], greedy(12, stop=(stop,))))
     assert cut.text == full.text[: full.text.index(stop)]
