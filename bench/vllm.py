@@ -16,7 +16,9 @@ Every run gets the same engine settings (model, dtype, max_model_len, max_num_se
 max_num_batched_tokens, prefix caching, enforce_eager, seed, priority scheduling).
 CPU seconds are those of each run's own processes over its timed region (psutil over the
 process tree, vLLM's engine core included; for sluice-pg also the PostgreSQL backends serving
-its scratch database; the benchmark client itself is not counted).
+its scratch database; the benchmark client itself is not counted). "others' CPU s" is what
+the rest of the machine used meanwhile (busy CPU minus the run's own): the noise on a shared
+host; a run with much of it is slowed by it.
 
 Workloads: engine (2,000 chat requests, max_tokens 64-256, ignore_eos), plumbing (10,000,
 max_tokens 8), prefix (documents x questions, shuffled; Sluice with SLUICE_PREFIX_ORDER true
@@ -82,6 +84,7 @@ class Result:
     cpu_seconds: float
     cached_tokens: int | None = None
     cpu_by_process: dict[str, float] = field(default_factory=dict)
+    others_cpu: float = 0.0  # CPU seconds everything else on the machine used meanwhile
 
     @property
     def req_s(self) -> float:
@@ -253,6 +256,7 @@ def run_raw(batch: Path, work: Path, env: Mapping[str, str], repeat: int) -> Res
         got["cpu_seconds"],
         got["cached_tokens"],
         got["cpu_by_process"],
+        got["others_cpu"],
     )
 
 
@@ -296,6 +300,7 @@ def run_batch(batch: Path, work: Path, overrides: Mapping[str, Any], repeat: int
         got["cpu_seconds"],
         cached,
         got["cpu_by_process"],
+        got["others_cpu"],
     )
 
 
@@ -444,6 +449,7 @@ def run_sluice(
                 cpu,
                 None if cached is None else int(cached),
                 meter.by_name(),
+                meter.others,
             )
         finally:
             stack.stop()
@@ -546,6 +552,7 @@ RUN_HEAD = [
     "CPU s",
     "tok/CPU-s",
     "cached",
+    "others' CPU s",
 ]
 
 
@@ -562,6 +569,7 @@ def run_row(r: Result) -> list[object]:
         r.cpu_seconds,
         r.tok_per_cpu,
         r.cached_tokens,
+        r.others_cpu,
     ]
 
 
@@ -580,10 +588,23 @@ def summary(results: list[Result], base_modes: tuple[str, ...] = ("raw", "run-ba
                 statistics.median(r.tok_s for r in rs),
                 statistics.median(r.cpu_seconds for r in rs),
                 statistics.median(r.tok_per_cpu for r in rs),
+                statistics.median(r.others_cpu for r in rs),
             ]
         )
     out = [
-        table(["median of", "runs", "seconds", "req/s", "out tok/s", "CPU s", "tok/CPU-s"], rows)
+        table(
+            [
+                "median of",
+                "runs",
+                "seconds",
+                "req/s",
+                "out tok/s",
+                "CPU s",
+                "tok/CPU-s",
+                "others' CPU s",
+            ],
+            rows,
+        )
     ]
     ratio_rows = []
     by = {(r.mode, r.repeat): r for r in results}

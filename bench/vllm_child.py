@@ -47,6 +47,11 @@ def load_gpu_check() -> ModuleType:
     return module
 
 
+def _machine_busy() -> float:
+    t = psutil.cpu_times()
+    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+
+
 def _cpu(proc: psutil.Process) -> float:
     t = proc.cpu_times()
     return float(t.user + t.system)
@@ -77,6 +82,8 @@ class CpuMeter:
         self.base: dict[Key, float] = {}
         self.last: dict[Key, float] = {}
         self.names: dict[Key, str] = {}
+        self.others = 0.0
+        self._machine0 = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -103,6 +110,7 @@ class CpuMeter:
     def start(self) -> None:
         """Take the baseline and start sampling."""
         self.base = self._sample()
+        self._machine0 = _machine_busy()
         self.last = dict(self.base)
         self._thread = threading.Thread(target=self._run, name="cpu-meter", daemon=True)
         self._thread.start()
@@ -117,7 +125,10 @@ class CpuMeter:
         if self._thread is not None:
             self._thread.join()
         self.last.update(self._sample())
-        return sum(v - self.base.get(k, 0.0) for k, v in self.last.items())
+        own = sum(v - self.base.get(k, 0.0) for k, v in self.last.items())
+        # What everything else on the (shared) machine used meanwhile: the noise.
+        self.others = max(0.0, _machine_busy() - self._machine0 - own)
+        return own
 
     def by_name(self) -> dict[str, float]:
         """CPU seconds per process name (after stop())."""
@@ -185,6 +196,7 @@ def run_raw(batch_path: Path, result_path: Path) -> None:
                 "seconds": seconds,
                 "cpu_seconds": cpu,
                 "cpu_by_process": meter.by_name(),
+                "others_cpu": meter.others,
                 "cached_tokens": cached,
             }
         )
@@ -223,6 +235,7 @@ def run_batch_runner(result_path: Path, argv: list[str]) -> None:
                 "seconds": marks["end"] - marks["start"],
                 "cpu_seconds": marks["cpu"],
                 "cpu_by_process": meter.by_name(),
+                "others_cpu": meter.others,
             }
         )
     )
