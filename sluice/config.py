@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     reconcile_interval: float = Field(5.0, gt=0)
     idle_poll: float = Field(1.0, gt=0)
     visibility_timeout: int = Field(43_200, ge=60)
+    # Bulk requests are queued in prefix order (lines sharing a prompt prefix together, for
+    # the engine's prefix cache; sluice/prefix.py); false: in line order (arrival order).
+    prefix_order: bool = True
     # Worker reliability: on SIGTERM what is in the engine gets this long to finish (the
     # rest goes back to the queue at once); an engine step longer than the stall limit is a
     # hang, and the worker exits non-zero so its supervisor restarts it.

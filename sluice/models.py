@@ -10,6 +10,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     SmallInteger,
     String,
@@ -96,6 +97,9 @@ class FileLine(Base):
     error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     error_param: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # Orders bulk work so lines sharing a prompt prefix run together (sluice/prefix.py);
+    # NULL on bad lines and on lines uploaded before it existed (they keep line order).
+    prefix_key: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
 class Batch(Base):
@@ -133,6 +137,8 @@ class Batch(Base):
     dropped: Mapped[int] = mapped_column(Integer, default=0)
     input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Prompt tokens served from the engine's prefix cache (part of input_tokens).
+    cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
 
 
 class Request(Base):
@@ -181,6 +187,8 @@ class Request(Base):
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    # Prompt tokens the engine's prefix cache served (vLLM's num_cached_tokens).
+    cached_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     queued_at: Mapped[float] = mapped_column(Float)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -48,6 +48,7 @@ def batch_object(row: Row) -> dict[str, Any]:
     """OpenAI's Batch object, every field."""
     errors = json.loads(row["errors_json"]) if row["errors_json"] else None
     input_tokens, output_tokens = int(row["input_tokens"]), int(row["output_tokens"])
+    cached_tokens = int(row["cached_tokens"] or 0)
     return {
         "id": row["id"],
         "object": "batch",
@@ -77,19 +78,20 @@ def batch_object(row: Row) -> dict[str, Any]:
             "input_tokens": input_tokens,
             "output_tokens": output_tokens,
             "total_tokens": input_tokens + output_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": cached_tokens},
             "output_tokens_details": {"reasoning_tokens": 0},
         },
         "metadata": json.loads(row["metadata_json"]) if row["metadata_json"] else None,
     }
 
 
-def _usage(req: Row) -> dict[str, int]:
+def _usage(req: Row) -> dict[str, Any]:
     prompt, completion = int(req["prompt_tokens"] or 0), int(req["completion_tokens"] or 0)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": int(req["cached_tokens"] or 0)},
     }
 
 

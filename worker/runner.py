@@ -659,9 +659,11 @@ def to_result(out: GenResult, finished_at: float) -> Result:
     if out.finish_reason == "abort":
         return Result(out.id, "cancelled", text, "abort", "batch_cancelled",
                       "the batch was cancelled while this request ran", out.prompt_tokens,
-                      out.completion_tokens, finished_at)  # fmt: skip
+                      out.completion_tokens, finished_at, out.cached_tokens)  # fmt: skip
     if out.error:
         return Result(out.id, "failed", None, None, "engine_error", out.error,
-                      out.prompt_tokens, out.completion_tokens, finished_at)  # fmt: skip
+                      out.prompt_tokens, out.completion_tokens, finished_at,
+                      out.cached_tokens)  # fmt: skip
     return Result(out.id, "succeeded", text, out.finish_reason, None, None,
-                  out.prompt_tokens, out.completion_tokens, finished_at)  # fmt: skip
+                  out.prompt_tokens, out.completion_tokens, finished_at,
+                  out.cached_tokens)  # fmt: skip

@@ -110,6 +110,7 @@ async def create(
             accepted_models=settings.accepted_models,
             max_requests=settings.max_file_lines,
             max_window=settings.max_completion_window,
+            prefix_order=settings.prefix_order,
         )
 
     try:

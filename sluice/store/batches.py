@@ -163,6 +163,22 @@ def _refresh_statistics(db: Database, conn: Connection, table: str) -> None:
         conn.execute(text(f"ANALYZE {table}"))
 
 
+def _queue_order(prefix_order: bool) -> list[Any]:
+    """The order a file's lines become requests (claims and messages follow request ids).
+
+    Prefix order: lines grouped by their prompt's first 256 bytes, groups in order of first
+    appearance (a file without shared prefixes keeps its line order), within a group by the
+    rest of the prefix key (trie order: a shared document or few-shot block runs as one
+    stretch; sluice/prefix.py). Costs a window and a sort over the file's lines.
+    """
+    fl = file_lines.c
+    if not prefix_order:
+        return [fl.line_no]
+    first_crc = func.substr(fl.prefix_key, 1, 4)
+    first_seen = func.min(fl.line_no).over(partition_by=first_crc)
+    return [first_seen, fl.prefix_key, fl.line_no]
+
+
 def create_batch(
     db: Database,
     *,
@@ -175,8 +191,12 @@ def create_batch(
     max_requests: int,
     webhook_url: str | None = None,
     max_window: int = DEFAULT_MAX_WINDOW,
+    prefix_order: bool = True,
 ) -> Created:
-    """Check the whole input file, then queue every line as a request (one transaction)."""
+    """Check the whole input file, then queue every line as a request (one transaction).
+
+    Request ids follow prefix order (see _queue_order), or line order without prefix_order.
+    """
     window = window_seconds(completion_window, max_window)
     now = unix()
     batch_id = new_batch_id()
@@ -279,7 +299,7 @@ def create_batch(
                     literal(0),
                 )
                 .where(fl.file_id == input_file_id)
-                .order_by(fl.line_no),
+                .order_by(*_queue_order(prefix_order)),
             )
         )
         _refresh_statistics(db, conn, "requests")

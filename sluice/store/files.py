@@ -28,6 +28,7 @@ RESULT_COLUMNS = (
     requests.c.error_message,
     requests.c.prompt_tokens,
     requests.c.completion_tokens,
+    requests.c.cached_tokens,
     requests.c.queued_at,
     requests.c.started_at,
     requests.c.finished_at,

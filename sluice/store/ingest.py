@@ -14,6 +14,7 @@ from sluice.db import Database
 from sluice.errors import InvalidInput, TooLarge
 from sluice.ids import new_file_id, unix
 from sluice.models import file_lines, files
+from sluice.prefix import prefix_key, prompt_text
 from sluice.sampling import ENDPOINTS, find_nul, parse_body
 
 INSERT_CHUNK = 2000
@@ -75,6 +76,7 @@ def _error(line_no: int, code: str, message: str, param: str | None = None) -> d
         "error_message": f"line {line_no}: {message}",
         # The column holds 128 characters; a path into a deeply nested body may be longer.
         "error_param": param[:MAX_PARAM] if param else param,
+        "prefix_key": None,
     }
 
 
@@ -143,6 +145,7 @@ def _check_line(
         "error_code": None,
         "error_message": None,
         "error_param": None,
+        "prefix_key": prefix_key(prompt_text(parsed.prompt, parsed.messages)),
     }
 
 
@@ -262,6 +265,7 @@ _COPY_COLUMNS = (
     "error_code",
     "error_message",
     "error_param",
+    "prefix_key",
 )
 
 

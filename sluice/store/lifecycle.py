@@ -35,6 +35,7 @@ class Outcome:
     status: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Tally:
     dropped: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_tokens: int = 0
 
 
 def tally(outcomes: Iterable[Outcome]) -> dict[str, Tally]:
@@ -61,6 +63,7 @@ def tally(outcomes: Iterable[Outcome]) -> dict[str, Tally]:
             t.dropped += 1
         t.input_tokens += o.prompt_tokens
         t.output_tokens += o.completion_tokens
+        t.cached_tokens += o.cached_tokens
     return out
 
 
@@ -79,6 +82,7 @@ def account(conn: Connection, tallies: dict[str, Tally]) -> list[str]:
                 dropped=batches.c.dropped + t.dropped,
                 input_tokens=batches.c.input_tokens + t.input_tokens,
                 output_tokens=batches.c.output_tokens + t.output_tokens,
+                cached_tokens=batches.c.cached_tokens + t.cached_tokens,
             )
             .returning(
                 batches.c.total,

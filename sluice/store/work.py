@@ -68,6 +68,7 @@ class Result:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finished_at: float = 0.0
+    cached_tokens: int = 0  # prompt tokens the engine's prefix cache served
 
 
 def _among(db: Database, column: Any, values: Sequence[int]) -> Any:
@@ -213,10 +214,11 @@ UPDATE requests AS r SET
   status = v.status, output_text = v.output_text, finish_reason = v.finish_reason,
   error_code = v.error_code, error_message = v.error_message,
   prompt_tokens = v.prompt_tokens, completion_tokens = v.completion_tokens,
-  finished_at = v.finished_at, lease_expires_at = NULL
+  cached_tokens = v.cached_tokens, finished_at = v.finished_at, lease_expires_at = NULL
 FROM json_to_recordset(CAST(:rows AS json)) AS v(
   id bigint, status text, output_text text, finish_reason text, error_code text,
-  error_message text, prompt_tokens int, completion_tokens int, finished_at float8)
+  error_message text, prompt_tokens int, completion_tokens int, cached_tokens int,
+  finished_at float8)
 WHERE r.id = v.id AND r.lease_owner = :owner AND r.status = 'running'
 RETURNING r.id, r.batch_id
 """)
@@ -229,6 +231,7 @@ _FIELDS = (
     "error_message",
     "prompt_tokens",
     "completion_tokens",
+    "cached_tokens",
     "finished_at",
 )
 
@@ -250,7 +253,7 @@ def write_results(db: Database, owner: str, results: Sequence[Result]) -> list[s
         else:
             held = _write_sqlite(conn, owner, results)
         outcomes = [
-            Outcome(held[r.id], r.status, r.prompt_tokens, r.completion_tokens)
+            Outcome(held[r.id], r.status, r.prompt_tokens, r.completion_tokens, r.cached_tokens)
             for r in results
             if r.id in held
         ]

@@ -355,7 +355,10 @@ def test_results_stream_while_running_then_output_and_error_files(api: Api) -> N
             "logprobs": None,
         }
     ]
-    assert completion["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert completion["usage"] == {
+        "prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }  # fmt: skip
     assert failure["error"] is None
     assert failure["response"]["status_code"] == 400
     assert failure["response"]["body"]["error"]["code"] == "context_length_exceeded"

@@ -181,7 +181,10 @@ def test_wait_returns_as_soon_as_the_job_finishes(api: Api) -> None:
     assert done["status"] == "succeeded"
     assert done["output"] == "general kenobi"
     assert done["finish_reason"] == "stop"
-    assert done["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+    assert done["usage"] == {
+        "prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }  # fmt: skip
     timings = done["timings"]
     assert timings["queued_at"] <= timings["started_at"] <= timings["finished_at"]
     assert timings["run_seconds"] is not None and timings["queue_seconds"] is not None

@@ -53,7 +53,10 @@ def test_single_job_round_trip(sluice: Running) -> None:
     # The echo engine returns the prompt's words, cut at max_tokens.
     assert job["output"] == "alpha beta"
     assert job["finish_reason"] == "length"
-    assert job["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert job["usage"] == {
+        "prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }  # fmt: skip
 
 
 def test_thousand_line_file_matches_custom_ids(sluice: Running) -> None:

@@ -45,6 +45,7 @@ class GenResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens served from a prefix cache (vLLM reports them)
 
 
 class Tokenizer(Protocol):

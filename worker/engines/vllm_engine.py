@@ -243,7 +243,11 @@ class VLLMEngine(Engine):
             return GenResult(our_id, "", "error", prompt_tokens, 0, "vLLM returned no output")
         first = output.outputs[0]  # n is always 1: the API rejects n > 1
         finish = first.finish_reason or "stop"
-        return GenResult(our_id, first.text, finish, prompt_tokens, len(first.token_ids))
+        # num_cached_tokens: prompt tokens vLLM's prefix cache served (None before scheduling).
+        return GenResult(
+            our_id, first.text, finish, prompt_tokens, len(first.token_ids),
+            cached_tokens=output.num_cached_tokens or 0,
+        )  # fmt: skip
 
     def close(self, grace: float = CLOSE_GRACE) -> None:
         """Stop vLLM's engine core; never hangs: after `grace` seconds its processes are killed."""
