@@ -155,6 +155,7 @@ class Stack:
         """Keep every child running until interrupted: restart what exits, with a backoff
         when it crash-loops, releasing a dead worker's leases first."""
         while not self._stopping.is_set():
+            self._keep_redis()
             now = time.monotonic()
             for child in self.children:
                 if child.restart_at is not None:
@@ -165,6 +166,18 @@ class Stack:
                 if code is not None:
                     self._on_exit(child, code)
             self._stopping.wait(poll)
+
+    def _keep_redis(self) -> None:
+        """Restart the embedded redis-server if it died: same socket, so everyone reconnects."""
+        server = self.redis.server
+        if server is None or not self.redis.owned or server.running or self._stopping.is_set():
+            return
+        print("the embedded redis-server exited; restarting it (it keeps nothing: the "
+              "database is the queue)", file=sys.stderr, flush=True)  # fmt: skip
+        try:
+            server.start()
+        except Exception as exc:  # try again next round
+            print(f"could not restart redis-server: {exc}", file=sys.stderr, flush=True)
 
     def _on_exit(self, child: Child, code: int) -> None:
         """A child died: say so, release a worker's leases, schedule the restart."""
