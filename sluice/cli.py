@@ -30,24 +30,36 @@ def _stop_on_signals() -> None:
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     """API + worker + embedded Redis + SQLite in one command."""
-    from sluice.stack import Stack
+    from sluice.stack import Stack, data_dir_lock, port_in_use
 
-    stack = Stack(settings, args.host, args.port)
-    _stop_on_signals()
-    try:
-        stack.start()
-        print(
-            f"Sluice is up at {stack.url} (engine {settings.engine}, model "
-            f"{settings.served_model}); Ctrl-C stops it.",
-            flush=True,
-        )
-        stack.supervise()
-        return 0
-    except KeyboardInterrupt:
-        print("stopping...", file=sys.stderr, flush=True)
-        return 0
-    finally:
-        stack.stop()
+    if port_in_use(args.host, args.port):
+        print(f"sluice up: {args.host}:{args.port} is already in use (another Sluice?); "
+              "choose another with --port", file=sys.stderr)  # fmt: skip
+        return 1
+    with data_dir_lock(settings.data_dir) as holder:
+        if holder is not None:
+            print(f"sluice up: {settings.data_dir} is in use by another sluice up (pid "
+                  f"{holder}); stop it or set SLUICE_DATA_DIR", file=sys.stderr)  # fmt: skip
+            return 1
+        stack = Stack(settings, args.host, args.port)
+        _stop_on_signals()
+        try:
+            stack.start()
+            print(
+                f"Sluice is up at {stack.url} (engine {settings.engine}, model "
+                f"{settings.served_model}); Ctrl-C stops it.",
+                flush=True,
+            )
+            stack.supervise()
+            return 0
+        except KeyboardInterrupt:
+            print("stopping... (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+            return 0
+        finally:
+            try:
+                stack.stop()
+            except KeyboardInterrupt:
+                stack.kill()
 
 
 def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
@@ -194,6 +206,9 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     host = settings.host if settings else "127.0.0.1"
     port = settings.port if settings else 8000
     p = argparse.ArgumentParser(prog="sluice", description=__doc__)
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="log Alembic's and httpx's chatter too"
+    )
     sub = p.add_subparsers(dest="command", required=True)
     for name, fn, help_ in (
         ("up", cmd_up, "API + worker + embedded Redis in one command"),
@@ -234,14 +249,17 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sluice` console script."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    # One line per HTTP call would bury `sluice run`'s progress bar.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         settings = get_settings()
     except SluiceError as exc:
         print(f"sluice: {exc}", file=sys.stderr)
         return 2
     args = build_parser(settings).parse_args(argv)
+    if not args.verbose:
+        # One line per HTTP call would bury `sluice run`'s progress bar; Alembic says ten
+        # lines of plugin setup on every command that imports it.
+        for chatty in ("httpx", "alembic"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         return int(args.fn(args, settings))
     except SluiceError as exc:

@@ -15,6 +15,8 @@ TASK_NAME = "sluice.run_requests"
 CANCEL_CHANNEL = "sluice:cancel"
 DONE_CHANNEL = "sluice:done"
 RECONCILE_LOCK = "sluice:reconcile-lock"
+# Each worker's stats document (worker/stats.py); its presence also says the worker came up.
+STATS_PREFIX = "sluice:stats:"
 
 
 def queue_name(model: str, priority: int) -> str:
@@ -71,3 +73,8 @@ def publish(app: Celery, settings: Settings, model: str, priority: int, ids: Seq
 def done_channel(batch_id: str) -> str:
     """Pub/sub channel that announces a batch or job has finished (wakes long-polls)."""
     return f"{DONE_CHANNEL}:{batch_id}"
+
+
+def stats_key(owner: str) -> str:
+    """The Redis key holding a worker's stats (owner: its lease owner name)."""
+    return f"{STATS_PREFIX}{owner}"

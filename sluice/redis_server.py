@@ -196,8 +196,9 @@ class EmbeddedRedis:
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                     cwd=str(self.data_dir),
-                    # Own session: Ctrl-C on `sluice api` must not take the worker's broker.
-                    start_new_session=self.detach,
+                    # Own session: a terminal's Ctrl-C reaches the Sluice process alone, which
+                    # stops this server last (else the broker dies first, under its clients).
+                    start_new_session=True,
                 )
             except OSError as exc:
                 raise EmbeddedRedisError(f"cannot run {cmd[0]}: {exc}") from exc

@@ -7,6 +7,7 @@ run again without waiting out the lease; the API stays up meanwhile.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -16,15 +17,19 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import redis
 
 from sluice.config import Settings
 from sluice.db import Database
 from sluice.migrate import upgrade
+from sluice.queue import stats_key
+from sluice.redis_clients import sync_client
 from sluice.redis_server import ensure_redis
 from sluice.store import work
 
@@ -33,6 +38,40 @@ log = logging.getLogger("sluice.stack")
 # A child that dies sooner than this after its start is crash-looping: restarts back off.
 HEALTHY_AFTER = 30.0
 MAX_BACKOFF = 30.0
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when something already listens on host:port (or it cannot be bound)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+@contextmanager
+def data_dir_lock(data_dir: Path) -> Iterator[int | None]:
+    """Hold DATA_DIR/up.lock for this `sluice up`; yields None, or the pid of its holder."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "up.lock"
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            text = fh.read().strip()
+            yield int(text) if text.isdigit() else -1
+            return
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        try:
+            yield None
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -185,7 +224,11 @@ class Stack:
             return
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         ran = time.monotonic() - child.started
-        backoff = 0.0 if ran > HEALTHY_AFTER else min(MAX_BACKOFF, 2.0**child.restarts)
+        # A worker that came up (its stats are in Redis) and then died restarts at once: it
+        # was doing work, and every second of backoff is a second of idle engine. One that
+        # dies before coming up, or an API that dies young, is crash-looping: back off.
+        healthy = ran > HEALTHY_AFTER or self._came_up(child)
+        backoff = 0.0 if healthy else min(MAX_BACKOFF, 2.0**child.restarts)
         print(
             f"sluice {child.name} {how} after {ran:.0f}s; restarting it"
             + (f" in {backoff:.0f}s" if backoff else ""),
@@ -194,8 +237,21 @@ class Stack:
         )
         if child.worker_id:
             self._release(child.worker_id)
-        child.restarts = 0 if ran > HEALTHY_AFTER else child.restarts + 1
+        child.restarts = 0 if healthy else child.restarts + 1
         child.restart_at = time.monotonic() + backoff
+
+    def _came_up(self, child: Child) -> bool:
+        """True when this worker incarnation published its stats (it loaded its engine)."""
+        if not child.worker_id:
+            return False
+        try:
+            client = sync_client(self.redis.url)
+            try:
+                return bool(client.exists(stats_key(child.worker_id)))
+            finally:
+                client.close()
+        except redis.RedisError:
+            return False
 
     def _release(self, worker_id: str) -> None:
         """Put a dead worker's rows back in the queue now rather than after its leases."""
@@ -219,6 +275,18 @@ class Stack:
         if self._stopping.is_set():
             return
         child.proc, child.started, child.worker_id = self._popen(child.args, child.extra_env)
+
+    def kill(self) -> None:
+        """Stop at once (a second Ctrl-C): SIGKILL the children, release the workers' leases."""
+        self._stopping.set()
+        for child in self.children:
+            if child.proc.poll() is None:
+                child.proc.kill()
+                child.proc.wait()
+            if child.worker_id:
+                self._release(child.worker_id)
+        self.children.clear()
+        self.redis.stop()
 
     def stop(self, timeout: float = 60.0) -> None:
         """SIGTERM the children (warm shutdown), then stop the embedded Redis."""

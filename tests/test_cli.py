@@ -241,3 +241,63 @@ def test_batches_commands_against_a_running_sluice(tmp_path: Path) -> None:
         assert cancel.returncode == 1 and "409" in cancel.stderr
     finally:
         stack.stop()
+
+
+def _start_up(tmp_path: Path, port: int) -> tuple[subprocess.Popen[str], Path]:
+    """`sluice up` in its own process group, as a terminal runs it; stderr to a file."""
+    errors = tmp_path / f"up-{port}.err"
+    with open(errors, "w") as err:
+        proc = subprocess.Popen(
+            [*SLUICE, "up", "--port", str(port)], env=_env(tmp_path), stdout=subprocess.PIPE,
+            stderr=err, text=True, start_new_session=True,
+        )  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "Sluice is up at" in line:
+            break
+    threading.Thread(target=proc.stdout.read, daemon=True).start()
+    return proc, errors
+
+
+def test_ctrl_c_stops_everything_without_tracebacks(tmp_path: Path) -> None:
+    proc, errors = _start_up(tmp_path, free_port())
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+        assert len(family) >= 3
+        # A terminal's Ctrl-C: SIGINT to the whole foreground process group.
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(60) == 0
+        _gone, alive = psutil.wait_procs(family, timeout=30)
+        assert not alive, f"left running: {alive}"
+        assert "Traceback" not in errors.read_text(), errors.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_second_up_on_a_busy_port_or_data_dir_says_so(tmp_path: Path) -> None:
+    port = free_port()
+    proc, _errors = _start_up(tmp_path, port)
+    try:
+        # Same port, another data directory: one clear line, exit 1, nothing started.
+        other = tmp_path / "other"
+        busy = subprocess.run(
+            [*SLUICE, "up", "--port", str(port)], env=_env(other), capture_output=True,
+            text=True, timeout=60,
+        )  # fmt: skip
+        assert busy.returncode == 1
+        assert busy.stderr.strip().splitlines() == [
+            f"sluice up: 127.0.0.1:{port} is already in use (another Sluice?); "
+            "choose another with --port"
+        ], busy.stderr
+        assert "Sluice is up" not in busy.stdout
+        # Same data directory, another port: the lock names the holder.
+        shared = subprocess.run(
+            [*SLUICE, "up", "--port", str(free_port())], env=_env(tmp_path), capture_output=True,
+            text=True, timeout=60,
+        )  # fmt: skip
+        assert shared.returncode == 1
+        assert f"in use by another sluice up (pid {proc.pid})" in shared.stderr, shared.stderr
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)

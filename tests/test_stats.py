@@ -14,6 +14,7 @@ import redis
 from sluice.config import Settings, load_settings
 from sluice.db import Database
 from sluice.migrate import upgrade
+from sluice.queue import stats_key
 from sluice.redis_server import ensure_redis, shutdown_embedded
 from sluice.sampling import COMPLETIONS
 from sluice.store.batches import create_job
@@ -25,7 +26,6 @@ from worker.stats import (
     StatsPublisher,
     publish_stats,
     read_stats,
-    stats_key,
 )
 
 MODEL = "sluice-sim"

@@ -17,12 +17,12 @@ from typing import Any, Protocol
 
 import redis
 
+from sluice.queue import STATS_PREFIX, stats_key
 from worker.engines.base import Engine
 from worker.engines.meter import OccupancyMeter
 
 log = logging.getLogger("sluice.worker")
 
-STATS_PREFIX = "sluice:stats:"
 # Several missed publishes before a key vanishes: a busy worker is not mistaken for a dead one.
 STATS_TTL_SECONDS = 30
 
@@ -37,11 +37,6 @@ class RunnerCounters(Protocol):
     def inflight_ids(self) -> dict[int, str]:
         """Requests claimed and not yet written."""
         ...
-
-
-def stats_key(owner: str) -> str:
-    """The Redis key holding this worker's stats."""
-    return f"{STATS_PREFIX}{owner}"
 
 
 def collect_stats(owner: str, engine: Engine, runner: RunnerCounters) -> dict[str, Any]:
