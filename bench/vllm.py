@@ -693,9 +693,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefix-questions", type=int, default=10)
     g.add_argument("--prefix-doc-words", type=int, default=300)
     g.add_argument("--prefix-max-tokens", type=int, default=16)
-    g.add_argument("--prefix-layers", type=int, default=4, help="KV per token: layers x ...")
+    g.add_argument("--prefix-layers", type=int, default=8, help="KV per token: layers x ...")
     g.add_argument("--prefix-kv-heads", type=int, default=16, help="... x kv heads x 64 x 4 B")
-    g.add_argument("--prefix-max-num-seqs", type=int, default=64)
+    g.add_argument("--prefix-max-num-seqs", type=int, default=32)
     return p
 
 
