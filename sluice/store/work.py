@@ -187,7 +187,8 @@ def _claim(
             r.body if r.body is not None else lines.get((r.file_id, r.line_no), ""),
             r.body is None,
         )
-        for r in rows
+        # UPDATE ... RETURNING promises no order; id order is queue order (and prefix order).
+        for r in sorted(rows, key=lambda r: r.id)
     ]
 
 
