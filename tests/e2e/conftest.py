@@ -51,8 +51,8 @@ class Running:
             assert time.monotonic() < deadline, "condition never held"
             time.sleep(0.05)
 
-    def run_file(self, lines: list[dict[str, Any]], endpoint: str) -> dict[str, Any]:
-        """Upload lines, create a batch, wait for it."""
+    def submit_file(self, lines: list[dict[str, Any]], endpoint: str) -> str:
+        """Upload lines and create their batch (without waiting); returns the batch id."""
         data = "".join(json.dumps(x) + "\n" for x in lines).encode()
         f = self.http.post(
             "/v1/files", data={"purpose": "batch"}, files={"file": ("in.jsonl", data)}
@@ -67,7 +67,11 @@ class Running:
             },
         )
         assert b.status_code == 200, b.text
-        return self.wait_batch(b.json()["id"])
+        return str(b.json()["id"])
+
+    def run_file(self, lines: list[dict[str, Any]], endpoint: str) -> dict[str, Any]:
+        """Upload lines, create a batch, wait for it."""
+        return self.wait_batch(self.submit_file(lines, endpoint))
 
     def lines(self, file_id: str | None) -> list[dict[str, Any]]:
         """A result file's lines, parsed."""

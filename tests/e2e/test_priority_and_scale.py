@@ -52,18 +52,8 @@ def file_lines(n: int, max_tokens: int) -> list[dict[str, Any]]:
 
 
 def submit_file(sluice: Running, lines: list[dict[str, Any]]) -> str:
-    """Upload and start a batch without waiting for it."""
-    import json
-
-    data = "".join(json.dumps(x) + "\n" for x in lines).encode()
-    f = sluice.http.post("/v1/files", data={"purpose": "batch"}, files={"file": ("in.jsonl", data)})
-    assert f.status_code == 200, f.text
-    b = sluice.http.post(
-        "/v1/batches",
-        json={"input_file_id": f.json()["id"], "endpoint": COMPLETIONS, "completion_window": "24h"},
-    )
-    assert b.status_code == 200, b.text
-    return str(b.json()["id"])
+    """Upload and start a completions batch without waiting for it."""
+    return sluice.submit_file(lines, COMPLETIONS)
 
 
 def finished_times(sluice: Running, batch_id: str) -> list[tuple[str, float, str | None, int]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,17 +43,8 @@ def completion_lines(
 
 
 def submit(sluice: Running, lines: list[dict[str, Any]]) -> str:
-    """Upload a file and create its batch; returns the batch id."""
-    data = "".join(json.dumps(x) + "\n" for x in lines).encode()
-    f = sluice.http.post("/v1/files", data={"purpose": "batch"}, files={"file": ("f.jsonl", data)})
-    assert f.status_code == 200, f.text
-    b = sluice.http.post(
-        "/v1/batches",
-        json={"input_file_id": f.json()["id"], "endpoint": "/v1/completions",
-              "completion_window": "24h"},
-    )  # fmt: skip
-    assert b.status_code == 200, b.text
-    return str(b.json()["id"])
+    """Upload a completions file and create its batch; returns the batch id."""
+    return sluice.submit_file(lines, "/v1/completions")
 
 
 class Rows:

@@ -143,19 +143,9 @@ def test_openai_batch_matches_raw_vllm_token_for_token(
 
 
 def submit_long(sluice: Running, n: int, max_tokens: int) -> str:
-    data = "".join(
-        json.dumps(line(f"r{i}", {"prompt": f"Story {i}:", "max_tokens": max_tokens,
-                                  "temperature": 0, "ignore_eos": True})) + "\n"
-        for i in range(n)
-    ).encode()  # fmt: skip
-    f = sluice.http.post("/v1/files", data={"purpose": "batch"}, files={"file": ("b.jsonl", data)})
-    b = sluice.http.post(
-        "/v1/batches",
-        json={"input_file_id": f.json()["id"], "endpoint": "/v1/completions",
-              "completion_window": "24h"},
-    )  # fmt: skip
-    assert b.status_code == 200, b.text
-    return str(b.json()["id"])
+    body = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    lines = [line(f"r{i}", {"prompt": f"Story {i}:", **body}) for i in range(n)]
+    return sluice.submit_file(lines, "/v1/completions")
 
 
 def test_interactive_job_jumps_the_bulk_queued_in_vllm(sluice: Running) -> None:
