@@ -21,8 +21,9 @@ the rest of the machine used meanwhile (busy CPU minus the run's own): the noise
 host; a run with much of it is slowed by it.
 
 Workloads: engine (2,000 chat requests, max_tokens 64-256, ignore_eos), plumbing (10,000,
-max_tokens 8), prefix (documents x questions, shuffled; Sluice with SLUICE_PREFIX_ORDER true
-vs false on a KV cache too small for every document; see --help). The plumbing workload ends
+max_tokens 8, prompts of 4-12 words), prefix (documents x questions, shuffled; Sluice with
+SLUICE_PREFIX_ORDER true vs false on a KV cache too small for every document; see --help).
+The plumbing workload ends
 with one profiled Sluice run (py-spy on the worker and the API) and prints the top entries.
 Tables go to bench/out/vllm-<workload>.txt.
 """
@@ -116,13 +117,15 @@ def _line(custom_id: str, content: str, max_tokens: int) -> str:
     return json.dumps({"custom_id": custom_id, "method": "POST", "url": CHAT, "body": body})
 
 
-def write_mixed(path: Path, n: int, lo: int, hi: int, seed: int) -> int:
-    """n chat requests, prompts of 16-80 words, max_tokens uniform in [lo, hi]; total asked."""
+def write_mixed(
+    path: Path, n: int, lo: int, hi: int, seed: int, words: tuple[int, int] = (16, 80)
+) -> int:
+    """n chat requests, prompts of `words` words, max_tokens uniform in [lo, hi]; total asked."""
     rng = random.Random(seed)
     total = 0
     with path.open("w", encoding="utf-8") as fh:
         for i in range(n):
-            words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(16, 80)))
+            words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(*words)))
             m = rng.randint(lo, hi)
             total += m
             fh.write(_line(f"req-{i}", f"Request {i}: {words}. Continue:", m) + "\n")
@@ -653,6 +656,12 @@ WORKLOADS = {
     "engine": (2000, 64, 256),
     "plumbing": (10_000, 8, 8),
 }
+PROMPT_WORDS = {
+    # Short prompts keep the plumbing workload plumbing-bound: with 16-80 words prefill
+    # dominates and raw vLLM does ~350 req/s here, hiding Sluice's per-request cost.
+    "engine": (16, 80),
+    "plumbing": (4, 12),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -685,6 +694,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the profiled Sluice run after the plumbing workload",
     )
+    p.add_argument(
+        "--prompt-words",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("MIN", "MAX"),
+        help="prompt length in words (default: engine 16 80, plumbing 4 12)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--tag", default="", help="suffix for bench/out file names")
@@ -715,7 +732,8 @@ def bench_workload(
     wdir = work / wl
     wdir.mkdir(exist_ok=True)
     batch = wdir / "batch.jsonl"
-    asked = write_mixed(batch, n, lo, hi, args.seed)
+    words = args.prompt_words or PROMPT_WORDS[wl]
+    asked = write_mixed(batch, n, lo, hi, args.seed, words)
     o = engine_overrides(args, tiny, "auto")
     gc = load_gpu_check()
     env = gc.to_env(o)
@@ -724,7 +742,8 @@ def bench_workload(
     results: list[Result] = []
     with out_path.open("w", encoding="utf-8") as fh:
         emit(
-            f"bench/vllm.py --workload {wl}: {n} chat requests, max_tokens {lo}-{hi} "
+            f"bench/vllm.py --workload {wl}: {n} chat requests, prompts of {words[0]}-{words[1]} "
+            f"words, max_tokens {lo}-{hi} "
             f"(ignore_eos; {asked:,} output tokens asked), {args.repeats} interleaved rounds of "
             f"{', '.join(modes)}\nengine: tiny Llama (head_dim 64), float32, max_model_len "
             f"{args.max_model_len}, max_num_seqs {args.max_num_seqs}, max_num_batched_tokens "
