@@ -23,8 +23,8 @@ host; a run with much of it is slowed by it.
 Workloads: engine (2,000 chat requests, max_tokens 64-256, ignore_eos), plumbing (10,000,
 max_tokens 8, prompts of 4-12 words), prefix (documents x questions, shuffled; Sluice with
 SLUICE_PREFIX_ORDER true vs false on a KV cache too small for every document; see --help).
-The plumbing workload ends
-with one profiled Sluice run (py-spy on the worker and the API) and prints the top entries.
+The plumbing workload ends with one profiled Sluice run (py-spy on the worker and the API)
+and prints the top entries.
 Tables go to bench/out/vllm-<workload>.txt.
 """
 
