@@ -25,6 +25,7 @@ from sluice.store.batches import (
     list_batches,
     window_seconds,
 )
+from sluice.store.files import complete_through_line
 
 router = APIRouter(prefix="/v1/batches")
 
@@ -158,6 +159,10 @@ async def cancel(
     return await anyio.to_thread.run_sync(_object, db, batch_id, owner)
 
 
+# Response header of /results: the resume point that misses nothing.
+COMPLETE_THROUGH = "Sluice-Complete-Through-Line"
+
+
 @router.get("/{batch_id}/results", responses=ERRORS)
 async def results(
     batch_id: ResourceId,
@@ -165,7 +170,16 @@ async def results(
     owner: OwnerDep,
     after_line: int | None = Query(None, ge=0, le=2**31 - 1),
 ) -> StreamingResponse:
-    """Lines finished so far (any end status) in output-file format; `after_line` resumes."""
+    """Lines finished so far (any end status) in output-file format, by line number.
+
+    Lines finish out of order, so resume with `after_line` set to the last
+    `Sluice-Complete-Through-Line` header seen (every line up to it had ended), and skip the
+    custom_ids already received: nothing is then missed.
+    """
     await anyio.to_thread.run_sync(get_batch, db, batch_id, owner)
+    # Read before the lines: every line up to it is then in the stream that follows.
+    through = await anyio.to_thread.run_sync(complete_through_line, db, batch_id)
     chunks = await primed(results_chunks(db, batch_id, after_line))
-    return StreamingResponse(chunks, media_type="application/jsonl")
+    return StreamingResponse(
+        chunks, media_type="application/jsonl", headers={COMPLETE_THROUGH: str(through)}
+    )

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from sqlalchemy import RowMapping, delete, select, update
+from sqlalchemy import RowMapping, delete, func, select, update
 
 from sluice.db import Database
 from sluice.errors import Conflict, InvalidInput, NotFound
-from sluice.models import TERMINAL_BATCH, batches, file_lines, files, requests
+from sluice.models import QUEUED, RUNNING, TERMINAL_BATCH, batches, file_lines, files, requests
 
 PAGE = 2000
 PURPOSES = ("batch", "batch_output", "batch_error")
@@ -145,6 +145,26 @@ def request_page(
         q = q.where((c.line_no > line) | ((c.line_no == line) & (c.id > rid)))
     with db.read() as conn:
         return list(conn.execute(q.order_by(c.line_no, c.id).limit(limit)).mappings().all())
+
+
+def complete_through_line(db: Database, batch_id: str) -> int:
+    """The largest line number up to which every request of the batch has ended (-1: none).
+
+    Results arrive in finishing order, not line order: a client resuming after the last line
+    it saw would miss an earlier line that ends later. Every line up to this one is final.
+    """
+    c = requests.c
+    with db.read() as conn:
+        first_open = conn.execute(
+            select(c.line_no)
+            .where(c.batch_id == batch_id, c.status.in_((QUEUED, RUNNING)))
+            .order_by(c.line_no)
+            .limit(1)
+        ).scalar()
+        if first_open is not None:
+            return int(first_open) - 1
+        last = conn.execute(select(func.max(c.line_no)).where(c.batch_id == batch_id)).scalar()
+    return -1 if last is None else int(last)
 
 
 def request_pages(

@@ -366,7 +366,18 @@ def test_results_stream_while_running_then_output_and_error_files(api: Api) -> N
     resumed = api.http.get(f"/v1/batches/{batch['id']}/results", params={"after_line": 1})
     assert [x["custom_id"] for x in lines_of(resumed.content)] == ["job-2"]
 
-    _run(api, ids[1:2] + ids[3:], ok)
+    # job-1 is still open: the resume point stops before it, so when it ends after job-2 a
+    # client resuming from the header gets it (resuming after job-2's line would miss it).
+    through = int(so_far.headers["Sluice-Complete-Through-Line"])
+    results_url = f"/v1/batches/{batch['id']}/results"
+    early = api.http.get(results_url, params={"after_line": through})
+    assert [x["custom_id"] for x in lines_of(early.content)] == ["job-2"]
+    _run(api, ids[1:2], ok)
+    late = api.http.get(results_url, params={"after_line": through})
+    assert [x["custom_id"] for x in lines_of(late.content)] == ["job-1", "job-2"]
+    assert int(late.headers["Sluice-Complete-Through-Line"]) > through
+
+    _run(api, ids[3:], ok)
     done = api.http.get(f"/v1/batches/{batch['id']}").json()
     assert done["status"] == "completed"
     assert done["completed_at"] is not None and done["finalizing_at"] is not None
