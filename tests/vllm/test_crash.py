@@ -42,7 +42,7 @@ def test_engine_core_killed_mid_run(sluice: Running) -> None:
     with supervised(sluice), rows_of(sluice, batch_id) as rows:
         worker = sluice.stack.procs[sluice.stack.names.index("worker")]
         # Generous: vLLM loads the model first (~40 s on 2 idle cores, minutes on busy ones).
-        sluice.wait_for(lambda: rows.count("succeeded") >= 2, timeout=600)
+        sluice.wait_for(lambda: rows.count("succeeded") >= 2, timeout=240)
         engine_procs = psutil.Process(worker.pid).children(recursive=True)
         assert engine_procs, "vLLM's engine core runs in child processes of the worker"
         for p in engine_procs:
