@@ -472,13 +472,15 @@ def _frame_name(frame: str) -> str:
 
 
 def _area(frame: str) -> str:
-    path = frame.rpartition(" (")[2]
-    if "site-packages/" in path:
-        return path.split("site-packages/", 1)[1].split("/", 1)[0].removesuffix(".py")
-    for pkg in ("worker", "sluice", "api", "bench"):
-        if f"/{pkg}/" in path:
-            return pkg
-    return "stdlib" if "python3.11" in path else "other"
+    # py-spy names files relative to their sys.path entry: "sqlalchemy/engine/base.py".
+    path = frame.rpartition(" (")[2].rstrip(")").rsplit(":", 1)[0]
+    if "/" not in path or path.startswith("<"):
+        return "stdlib" if not path.startswith("<string") else "generated"
+    return path.lstrip("/").split("/", 1)[0]
+
+
+# Leaves where a thread sleeps (py-spy may still count it) or an event loop waits in C.
+WAITS = ("Condition.wait", "Queue.get", "Poller.poll", "select", "Event.wait", "Runner.run")
 
 
 def profile_report(name: str, path: Path, cpu_seconds: float | None, top: int = 15) -> str:
@@ -486,6 +488,7 @@ def profile_report(name: str, path: Path, cpu_seconds: float | None, top: int = 
     if not path.exists() or path.stat().st_size == 0:
         return f"{name}: no profile written ({path})"
     self_c: Counter[str] = Counter()
+    waits = 0
     incl: Counter[str] = Counter()
     areas: Counter[str] = Counter()
     total = 0
@@ -499,6 +502,8 @@ def profile_report(name: str, path: Path, cpu_seconds: float | None, top: int = 
             continue
         total += c
         self_c[_frame_name(frames[-1])] += c
+        if frames[-1].split(" (", 1)[0] in WAITS:
+            waits += c
         areas[_area(frames[-1])] += c
         for f in {_frame_name(f) for f in frames}:
             incl[f] += c
@@ -507,6 +512,10 @@ def profile_report(name: str, path: Path, cpu_seconds: float | None, top: int = 
     head = f"{name}: {total} on-CPU samples"
     if cpu_seconds is not None:
         head += f" (process CPU in the timed run: {cpu_seconds:.2f} s)"
+    head += (
+        f"; {100 * waits / total:.0f}% in wait-like leaves ({', '.join(WAITS)}: a sleeping "
+        "thread, or uvloop's C loop, which also runs the HTTP parser)"
+    )
     out = [
         head,
         "  self time by package: "
