@@ -125,10 +125,10 @@ def write_mixed(
     total = 0
     with path.open("w", encoding="utf-8") as fh:
         for i in range(n):
-            words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(*words)))
+            text = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(*words)))
             m = rng.randint(lo, hi)
             total += m
-            fh.write(_line(f"req-{i}", f"Request {i}: {words}. Continue:", m) + "\n")
+            fh.write(_line(f"req-{i}", f"Request {i}: {text}. Continue:", m) + "\n")
     return total
 
 
