@@ -852,6 +852,7 @@ def bench_prefix(args: argparse.Namespace, work: Path, tiny: Path) -> None:
     with out_path.open("w", encoding="utf-8") as fh:
         for line in log_head:
             emit(line, fh)
+        emit(table(RUN_HEAD, []), fh)
         for rep in range(1, args.repeats + 1):
             for order in ("false", "true"):
                 name = "sluice-prefix-order" if order == "true" else "sluice-arrival"
