@@ -16,9 +16,10 @@ non-zero within EXIT_DEADLINE seconds. `drain()` is the graceful path (SIGTERM):
 claimed rows that never reached the engine are released at once, the engine gets
 `shutdown_grace` seconds, and whatever is still in it is aborted and released.
 
-Suspects (rows that were in an engine when it crashed) run only in isolation groups, with
-nothing else in the engine: smaller after each crash and, one crash before max_attempts, alone,
-so the request that crashes the engine is found and fails by itself.
+Suspects (rows that were in an engine when it crashed) run in isolation groups, one group at a
+time beside ordinary work, 8x smaller after each crash; one crash before max_attempts they run
+alone, with nothing else in the engine, so the request that crashes the engine is found and
+fails by itself.
 """
 
 from __future__ import annotations
@@ -145,7 +146,8 @@ class Runner:
         self._in_engine: set[int] = set()  # handed to the engine, not yet returned by it
         self._drained: set[int] = set()  # aborted by a drain: released, not cancelled
         self._step_started: float | None = None  # when the running engine step began
-        self._suspects = 0  # crash level of the isolation group being run (0: none)
+        self._suspects = 0  # crash level of the suspects being isolated (0: none)
+        self._group: set[int] = set()  # the isolation group in flight
         self._next_suspect_check = 0.0
         self._drain_deadline: float | None = None  # engine thread: set by a Drain
         self._claimer_done = False  # engine thread: the claimer has stopped
@@ -321,9 +323,9 @@ class Runner:
     def _room(self) -> int:
         """How many more requests to claim now (caller holds the lock)."""
         busy = len(self._inflight)
-        if self._suspects:
-            # An isolation group runs with nothing else in the engine.
-            return self._group_size(self._suspects) if busy == 0 else 0
+        if self._suspects and self._alone(self._suspects):
+            # The last step of isolation: one suspect with nothing else in the engine.
+            return 1 if busy == 0 else 0
         if self.batch_mode:
             return self.engine.slots if busy == 0 else 0
         # At most one engine-full per claim: the next claim then overlaps the writer's commit.
@@ -334,7 +336,8 @@ class Runner:
         with self._cv:
             while not self._stop.is_set() and not self._draining:
                 room = self._room()
-                if room > 0 and (self._suspects or self._pending or self._poll_due()):
+                group_due = self._suspects and not self._group
+                if room > 0 and (group_due or self._pending or self._poll_due()):
                     self._preparing = True
                     return room
                 timeout = max(0.0, self._next_poll - time.monotonic()) if room > 0 else None
@@ -344,10 +347,12 @@ class Runner:
     def _poll_due(self) -> bool:
         return self._more_in_db or time.monotonic() >= self._next_poll
 
+    def _alone(self, level: int) -> bool:
+        """Suspects one crash short of the limit run alone: a crash then names its cause."""
+        return level >= self.settings.max_attempts - 1
+
     def _group_size(self, level: int) -> int:
-        """Isolation group size for suspects with `level` crashes: alone one before the limit."""
-        if level >= self.settings.max_attempts - 1:
-            return 1
+        """Isolation group size for suspects with `level` crashes (8x smaller per crash)."""
         return max(1, self.target // int(ISOLATION_SHRINK**level))
 
     def _pop_pending(self, room: int) -> list[int]:
@@ -386,22 +391,32 @@ class Runner:
     def _claim_round(self, room: int) -> list[Claimed]:
         """One claim: queued interactive rows, then the ids messages named, else any rows."""
         s, model = self.settings, self.settings.served_model
-        if self._suspects:
-            return self._claim_suspects(room)
-        if time.monotonic() >= self._next_suspect_check:
-            # Suspects (rows an engine crashed with) wait for the next isolation group: from
-            # here on nothing else is claimed until they are all settled.
+        if not self._suspects and time.monotonic() >= self._next_suspect_check:
+            # Suspects: rows that were in an engine when it crashed.
             self._next_suspect_check = time.monotonic() + s.idle_poll
             self._suspects = self._db(work.suspect_level, self.db, model)
-            if self._suspects:
-                return []
+        if self._suspects and self._alone(self._suspects):
+            # Alone: claim nothing else, and only once the engine has emptied.
+            with self._cv:
+                empty = not self._inflight
+            return self._claim_suspects(1) if empty else []
+        claimed: list[Claimed] = []
+        if self._suspects and not self._group:
+            # One isolation group at a time, beside ordinary work: if it crashes the engine
+            # its members move a level up (smaller groups, then alone); ordinary work that
+            # was in the engine becomes a first-level suspect, never more.
+            claimed = self._claim_suspects(min(room, self._group_size(self._suspects)))
+            room -= len(claimed)
+            if room <= 0 or (self._suspects and self._alone(self._suspects)):
+                return claimed
         # Interactive rows come straight from the database: their message may still wait
         # behind the bulk messages this worker holds.
-        claimed = self._db(
+        interactive = self._db(
             work.claim_next, self.db, model, self.owner, s.lease_seconds, room, INTERACTIVE
         )
-        self._hold(claimed)
-        room -= len(claimed)
+        self._hold(interactive)
+        claimed += interactive
+        room -= len(interactive)
         with self._cv:
             ids = self._pop_pending(room)
         if ids:
@@ -444,8 +459,12 @@ class Runner:
             self._suspects,
         )  # fmt: skip
         if claimed:
-            log.warning("running %d suspect request(s) in isolation", len(claimed))
+            log.warning(
+                "isolating %d suspect request(s) (%d crash(es) each)", len(claimed), self._suspects
+            )
             self._hold(claimed)
+            with self._cv:
+                self._group = {c.id for c in claimed}
         else:
             self._suspects = self._db(work.suspect_level, self.db, s.served_model)
         return claimed
@@ -613,6 +632,7 @@ class Runner:
         with self._cv:
             for rid in ids:
                 self._inflight.pop(rid, None)
+            self._group.difference_update(ids)
             self._settle(ids)
             if written:
                 self.completed += len(ids)
