@@ -466,7 +466,12 @@ class Runner:
             with self._cv:
                 self._group = {c.id for c in claimed}
         else:
-            self._suspects = self._db(work.suspect_level, self.db, s.served_model)
+            level = self._db(work.suspect_level, self.db, s.served_model)
+            # Nothing claimable at this level: none left, or another worker holds them. Only
+            # a new level is taken at once; otherwise look again after the idle poll, not in
+            # a tight loop.
+            self._suspects = level if level != self._suspects else 0
+            self._next_suspect_check = time.monotonic() + s.idle_poll
         return claimed
 
     def _prepare(self, claimed: list[Claimed]) -> None:
