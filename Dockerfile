@@ -31,7 +31,11 @@ COPY worker ./worker
 COPY migrations ./migrations
 # Editable, so migrations/ stays beside the sluice package where `sluice db upgrade`
 # finds it (sluice/migrate.py); dependencies are already in place.
-RUN pip install --no-deps -e . && mkdir -p /data /cache/huggingface
+RUN pip install --no-deps -e . && mkdir -p /data /cache/huggingface \
+    && useradd --system --uid 10001 --home-dir /data sluice \
+    && chown -R sluice /data /cache
+# Not root: the services need only their data and cache directories.
+USER sluice
 
 EXPOSE 8000
 CMD ["sluice", "api", "--host", "0.0.0.0", "--port", "8000"]
