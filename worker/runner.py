@@ -187,11 +187,12 @@ class Runner:
 
     def progressing(self) -> bool:
         """True while the runner is healthy and no engine step has stalled (lease renewal)."""
+        return self.failure is None and self._step_age() <= self.settings.engine_stall_seconds
+
+    def _step_age(self) -> float:
+        """Seconds the running engine step has taken so far (0 between steps)."""
         started = self._step_started
-        stalled = started is not None and (
-            time.monotonic() - started > self.settings.engine_stall_seconds
-        )
-        return self.failure is None and not stalled
+        return 0.0 if started is None else time.monotonic() - started
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -262,12 +263,10 @@ class Runner:
     def _watch(self) -> None:
         """Fail the runner when a thread is gone or an engine step has stalled."""
         while not self._stop.wait(1.0):
-            started = self._step_started
-            if started is not None:
-                stalled = time.monotonic() - started
-                if stalled > self.settings.engine_stall_seconds:
-                    self.fail(f"an engine step has not returned in {stalled:.0f}s", True)
-                    return
+            stalled = self._step_age()
+            if stalled > self.settings.engine_stall_seconds:
+                self.fail(f"an engine step has not returned in {stalled:.0f}s", True)
+                return
             for t in self._threads:
                 # Threads end on their own only when stopping or draining.
                 if not t.is_alive() and not self._stop.is_set() and not self._draining:
