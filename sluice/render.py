@@ -189,17 +189,32 @@ def results_chunks(
     return _line_chunks(request_pages(db, batch_id, TERMINAL_REQUEST, after_line, page))
 
 
-def input_chunks(db: Database, file_id: str, page: int = PAGE) -> Iterator[bytes]:
-    """An uploaded file's lines, each ending in a newline; a line kept without text is empty."""
+def input_chunks(
+    db: Database, file_id: str, page: int = PAGE, size: int | None = None
+) -> Iterator[bytes]:
+    """An uploaded file's bytes as uploaded (CRLF kept; a final newline only if it had one).
+
+    Lines are stored without their "\n": each page goes out with its last newline held back,
+    and the file's last one is written only when the upload's size says it was there. A line
+    kept without text (not UTF-8, NUL, over the line limit) comes back empty.
+    """
+    sent = 0
+    held = b""
     for lines in input_line_pages(db, file_id, page):
-        yield b"".join((raw or "").encode("utf-8") + b"\n" for raw in lines)
+        chunk = held + b"\n".join((raw or "").encode("utf-8") for raw in lines)
+        sent += len(chunk)
+        held = b"\n"
+        yield chunk
+    if held and (size is None or sent < size):
+        yield held
 
 
 def file_chunks(db: Database, file: Row, page: int = PAGE) -> Iterator[bytes]:
     """A file's content, whatever its purpose."""
     if file["purpose"] in ("batch_output", "batch_error") and file["batch_id"]:
         return output_chunks(db, file["batch_id"], file["purpose"], page)
-    return input_chunks(db, file["id"], page)
+    size = file["bytes"]
+    return input_chunks(db, file["id"], page, None if size is None else int(size))
 
 
 def measured_bytes(db: Database, file: Row) -> int:

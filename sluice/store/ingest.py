@@ -58,7 +58,9 @@ class LineSplitter:
     def _emit(self, tail: bytes) -> tuple[int, bytes | None]:
         self.line_no += 1
         self._keep(tail)
-        line = None if self._too_long else bytes(self._buf).rstrip(b"\r")
+        # A CRLF line keeps its \r (JSON reads it as whitespace): the download is then the
+        # upload byte for byte, and a checksum of the input holds.
+        line = None if self._too_long else bytes(self._buf)
         self._buf.clear()
         self._too_long = False
         return self.line_no, line

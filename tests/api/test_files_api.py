@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import socket
 import time
@@ -65,6 +67,40 @@ def test_upload_then_content_returns_the_same_bytes(api: Api) -> None:
     assert got.content == content
     assert got.headers["content-type"].startswith("application/jsonl")
     assert api.http.get(f"/v1/files/{obj['id']}").json() == obj
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [b"\r\n", b"\n"],
+    ids=["crlf", "lf"],
+)
+@pytest.mark.parametrize("final_newline", [True, False], ids=["final-nl", "no-final-nl"])
+def test_content_is_the_uploaded_bytes_exactly(
+    api: Api, ending: bytes, final_newline: bool
+) -> None:
+    lines = [json.dumps(batch_line(f"x{i}", api.model)).encode() for i in range(3)]
+    # A blank line and a lone \r inside the file are bytes too.
+    content = ending.join([*lines, b"", b"\r"]) + (ending if final_newline else b"")
+    response = api.upload(content)
+    assert response.status_code == 200, response.text
+    got = api.http.get(f"/v1/files/{response.json()['id']}/content").content
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(content).hexdigest(), (got, content)
+    assert response.json()["bytes"] == len(content)
+
+
+def test_crlf_file_runs_as_a_batch(api: Api) -> None:
+    content = b"\r\n".join(json.dumps(batch_line(f"c{i}", api.model)).encode() for i in range(3))
+    file_id = api.upload(content + b"\r\n").json()["id"]
+    created = api.http.post(
+        "/v1/batches",
+        json={
+            "input_file_id": file_id,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        },
+    )
+    assert created.status_code == 200, created.text
+    assert created.json()["status"] != "failed", created.json()["errors"]
 
 
 def test_bad_lines_are_kept_as_empty_lines(api: Api) -> None:
