@@ -1,0 +1,1 @@
+"""Webhooks: signed events (Standard Webhooks), an SSRF-safe client, and the sender loop."""
