@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     model: str = "sluice-echo"
     model_name: str | None = None
     served_models: str = ""  # comma-separated names the API accepts; default: model_name
+    # Other names for them, `alias=model` comma-separated (e.g. gpt-4o-mini=llama-3.1-8b):
+    # OpenAI code runs by changing base_url only (sluice/aliases.py).
+    model_aliases: str = ""
 
     # Queueing and delivery
     chunk_size: int = Field(500, ge=1, le=10_000)
@@ -122,7 +125,24 @@ class Settings(BaseSettings):
             raise ValueError("SLUICE_REDIS_URL must start with redis://, rediss:// or unix://")
         if self.engine == "vllm" and self.tensor_parallel_size > 1 and self.worker_threads == 1:
             raise ValueError("SLUICE_WORKER_THREADS must exceed 1 for the vllm engine")
+        self._check_aliases()
         return self
+
+    def _check_aliases(self) -> None:
+        from sluice.aliases import parse_aliases  # sluice.aliases reads Settings
+
+        try:
+            found = parse_aliases(self.model_aliases)
+        except ValueError as exc:
+            raise ValueError(f"SLUICE_MODEL_ALIASES: {exc}") from None
+        for alias, target in found.items():
+            if target not in self.accepted_models:
+                raise ValueError(
+                    f"SLUICE_MODEL_ALIASES: {alias}={target} names a model not served here "
+                    f"(served: {', '.join(self.accepted_models)})"
+                )
+            if alias in self.accepted_models:
+                raise ValueError(f"SLUICE_MODEL_ALIASES: {alias!r} is a served model's own name")
 
     @property
     def served_model(self) -> str:

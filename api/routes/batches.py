@@ -14,6 +14,7 @@ from api.docs import COMMON, ERRORS, SUBMIT_ERRORS
 from api.errors import ApiError
 from api.publish import publish_cancel, publish_created
 from api.streams import primed
+from sluice.aliases import aliases
 from sluice.db import Database
 from sluice.errors import InvalidInput, NotFound
 from sluice.render import batch_object, results_chunks
@@ -109,6 +110,7 @@ async def create(
             completion_window=batch.completion_window,
             metadata=batch.metadata,
             accepted_models=settings.accepted_models,
+            aliases=aliases(settings),
             max_requests=settings.max_file_lines,
             max_window=settings.max_completion_window,
             prefix_order=settings.prefix_order,

@@ -13,6 +13,8 @@ from sqlalchemy import text
 from api.deps import AppState, DbDep, RedisDep, SettingsDep, StateDep
 from api.docs import COMMON, ERRORS
 from api.errors import ApiError
+from sluice.aliases import aliases, known_models
+from sluice.config import Settings
 from sluice.db import Database
 
 router = APIRouter()
@@ -88,21 +90,32 @@ async def readyz(db: DbDep, redis: RedisDep, state: StateDep) -> JSONResponse:
     )
 
 
-def _model(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "sluice"}
+def _model(name: str, root: str) -> dict[str, Any]:
+    # root: the served model an alias stands for (vLLM's model cards carry it too).
+    return {"id": name, "object": "model", "created": 0, "owned_by": "sluice", "root": root}
+
+
+def _models(settings: Settings) -> list[dict[str, Any]]:
+    served = [_model(m, m) for m in settings.accepted_models]
+    return served + [_model(alias, target) for alias, target in aliases(settings).items()]
 
 
 @router.get("/v1/models")
 async def list_models(settings: SettingsDep) -> dict[str, Any]:
-    """The models this deployment accepts, as OpenAI's model list."""
-    return {"object": "list", "data": [_model(m) for m in settings.accepted_models]}
+    """The models this deployment serves and their aliases, as OpenAI's model list."""
+    return {"object": "list", "data": _models(settings)}
 
 
 @router.get("/v1/models/{model_id:path}", responses=ERRORS)
 async def get_model(model_id: Annotated[str, MODEL_ID], settings: SettingsDep) -> dict[str, Any]:
-    """One accepted model."""
-    if model_id not in settings.accepted_models:
-        raise ApiError(
-            404, f"model {model_id!r} is not served here", code="model_not_found", param="model"
-        )
-    return _model(model_id)
+    """One served model or alias."""
+    for model in _models(settings):
+        if model["id"] == model_id:
+            return model
+    raise ApiError(
+        404,
+        f"model {model_id!r} is not served here (available: "
+        f"{', '.join(known_models(settings))})",
+        code="model_not_found",
+        param="model",
+    )

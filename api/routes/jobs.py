@@ -16,6 +16,7 @@ from api.docs import ERRORS, SUBMIT_ERRORS
 from api.errors import ApiError
 from api.listener import DoneListener
 from api.publish import publish_cancel, publish_created
+from sluice.aliases import known_models, resolve_model
 from sluice.config import Settings
 from sluice.db import Database
 from sluice.errors import InvalidInput
@@ -62,8 +63,13 @@ def _dotted(param: str | None) -> str | None:
 
 def _check(job: JobIn, settings: Settings) -> tuple[str, dict[str, Any]]:
     """The endpoint and the body to store, or InvalidInput/ApiError naming the field."""
-    accepted, default_model = settings.accepted_models, settings.served_model
-    body = job.model_dump(exclude_none=True)
+    return check_body(job.model_dump(exclude_none=True), settings)
+
+
+def check_body(body: dict[str, Any], settings: Settings) -> tuple[str, dict[str, Any]]:
+    """A job's or online request's body checked: its endpoint and the body to store (the
+    model resolved to its served name), or InvalidInput/ApiError naming the field."""
+    default_model = settings.served_model
     if "prompt" in body and "messages" in body:
         raise InvalidInput(
             "send either prompt (completions) or messages (chat), not both",
@@ -83,14 +89,16 @@ def _check(job: JobIn, settings: Settings) -> tuple[str, dict[str, Any]]:
             param="model",
             code="invalid_value",
         )
-    if model not in accepted:
+    served = resolve_model(settings, model)
+    if served is None:
         raise ApiError(
             404,
-            f"model {model!r} is not served here (available: {', '.join(accepted)})",
+            f"model {model!r} is not served here (available: "
+            f"{', '.join(known_models(settings))})",
             code="model_not_found",
             param="model",
         )
-    body["model"] = model
+    body["model"] = served
     if "max_completion_tokens" not in body:
         body.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
     endpoint = CHAT if "messages" in body else COMPLETIONS

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, func, insert, literal, select, text, update
+from sqlalchemy import (
+    Connection,
+    RowMapping,
+    case,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
 
 from sluice.db import Database
 from sluice.errors import Conflict, InvalidInput, NotFound
@@ -192,8 +203,11 @@ def create_batch(
     webhook_url: str | None = None,
     max_window: int = DEFAULT_MAX_WINDOW,
     prefix_order: bool = True,
+    aliases: Mapping[str, str] | None = None,
 ) -> Created:
     """Check the whole input file, then queue every line as a request (one transaction).
+
+    aliases (alias -> served model): lines naming an alias run as, and are stored as, its model.
 
     Request ids follow prefix order (see _queue_order), or line order without prefix_order.
     """
@@ -234,7 +248,8 @@ def create_batch(
                     "message": f"the file has {f.line_count} requests; the limit is {max_requests}",
                 }
             )
-        errs += _line_errors(conn, input_file_id, endpoint, accepted_models)
+        aliases = dict(aliases or {})
+        errs += _line_errors(conn, input_file_id, endpoint, [*accepted_models, *aliases])
         model = (
             conn.execute(
                 select(file_lines.c.model)
@@ -243,6 +258,7 @@ def create_batch(
             ).scalar()
             or ""
         )
+        model = aliases.get(model, model)
         status = B_FAILED if errs else IN_PROGRESS
         conn.execute(
             insert(batches).values(
@@ -289,7 +305,7 @@ def create_batch(
                     fl.file_id,
                     fl.line_no,
                     fl.custom_id,
-                    fl.model,
+                    case(aliases, value=fl.model, else_=fl.model) if aliases else fl.model,
                     fl.url,
                     literal(BULK),
                     literal(QUEUED),

@@ -27,7 +27,15 @@ def test_models_lists_the_accepted_models(api: Api) -> None:
     listed = api.http.get("/v1/models").json()
     assert listed == {
         "object": "list",
-        "data": [{"id": api.model, "object": "model", "created": 0, "owned_by": "sluice"}],
+        "data": [
+            {
+                "id": api.model,
+                "object": "model",
+                "created": 0,
+                "owned_by": "sluice",
+                "root": api.model,
+            }
+        ],
     }
     assert api.http.get(f"/v1/models/{api.model}").json()["id"] == api.model
     missing = api.http.get("/v1/models/gpt-9")
