@@ -107,7 +107,7 @@ class DoneListener:
             finally:
                 with anyio.CancelScope(shield=True):
                     try:
-                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+                        await pubsub.aclose()
                     except Exception as exc:
                         log.debug("closing the listener's subscription failed: %s", exc)
             await anyio.sleep(RECONNECT_SECONDS)

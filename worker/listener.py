@@ -19,7 +19,7 @@ class CancelListener:
     def __init__(self, client: redis.Redis, on_cancel: Callable[[str], None]) -> None:
         self.client = client
         self.on_cancel = on_cancel
-        self._pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sluice-cancel", daemon=True)
 

@@ -1,4 +1,4 @@
-"""The validator: turn a claimed row into an engine request, or into its own failure."""
+"""The validator: turn claimed rows into engine requests, or into their own failures."""
 
 from __future__ import annotations
 
@@ -6,13 +6,47 @@ import orjson
 
 from sluice.errors import InvalidInput, RequestRejected
 from sluice.ids import now
-from sluice.sampling import CHAT, message_text, parse_body
+from sluice.sampling import CHAT, Sampling, message_text, parse_body
 from sluice.store.work import Claimed, Result
-from worker.engines.base import Engine, GenRequest
+from worker.engines.base import Engine, GenRequest, Tokenizer
+
+
+def prepare(claimed: list[Claimed], engine: Engine) -> tuple[list[GenRequest], list[Result]]:
+    """Render, tokenize and check a claimed chunk; rejected rows become their own failures.
+
+    The chunk's prompts go to the tokenizer in one encode_batch call: per-prompt calls cost
+    about 0.12 ms each in transformers' Python layer (a fifth of the worker's CPU per request
+    in the 10,000-line plumbing benchmark), a batch pays that once.
+    """
+    tokenizer = engine.tokenizer
+    rendered: list[tuple[Claimed, str, Sampling]] = []
+    rejected: list[Result] = []
+    for c in claimed:
+        try:
+            rendered.append((c, *_render(c, tokenizer)))
+        except RequestRejected as exc:
+            rejected.append(rejected_result(c.id, exc))
+    ready: list[GenRequest] = []
+    if not rendered:
+        return ready, rejected
+    all_ids = tokenizer.encode_batch([prompt for _, prompt, _ in rendered])
+    for (c, prompt, sampling), ids in zip(rendered, all_ids, strict=True):
+        try:
+            ready.append(_checked(c, prompt, sampling, ids, engine.max_model_len))
+        except RequestRejected as exc:
+            rejected.append(rejected_result(c.id, exc))
+    return ready, rejected
 
 
 def to_gen_request(claimed: Claimed, engine: Engine) -> GenRequest:
-    """Render, tokenize once and check the fit; raises RequestRejected for this request only."""
+    """One row: render, tokenize once and check the fit; RequestRejected for this row only."""
+    prompt, sampling = _render(claimed, engine.tokenizer)
+    ids = engine.tokenizer.encode(prompt)
+    return _checked(claimed, prompt, sampling, ids, engine.max_model_len)
+
+
+def _render(claimed: Claimed, tokenizer: Tokenizer) -> tuple[str, Sampling]:
+    """The stored body checked and rendered to the prompt text the model sees."""
     try:
         body = orjson.loads(claimed.body)
         if claimed.from_file:
@@ -22,20 +56,21 @@ def to_gen_request(claimed: Claimed, engine: Engine) -> GenRequest:
         raise RequestRejected("invalid_body", f"the stored body cannot be read: {exc}") from None
     except InvalidInput as exc:
         raise RequestRejected(exc.code, exc.message) from None
-    tokenizer = engine.tokenizer
     if claimed.endpoint == CHAT:
         assert parsed.messages is not None
         messages = [{**m, "content": message_text(m.get("content"))} for m in parsed.messages]
-        prompt = tokenizer.render_chat(messages)
-    else:
-        assert parsed.prompt is not None
-        prompt = parsed.prompt
-    # The only tokenization and the only context check: the engine gets the ids.
-    ids = tokenizer.encode(prompt)
-    n_prompt, max_tokens = len(ids), parsed.sampling.max_tokens
+        return tokenizer.render_chat(messages), parsed.sampling
+    assert parsed.prompt is not None
+    return parsed.prompt, parsed.sampling
+
+
+def _checked(
+    claimed: Claimed, prompt: str, sampling: Sampling, ids: list[int], limit: int
+) -> GenRequest:
+    """The only context check: the prompt's ids plus max_tokens must fit the model."""
+    n_prompt, max_tokens = len(ids), sampling.max_tokens
     if n_prompt == 0:
         raise RequestRejected("invalid_prompt", "the prompt is empty: it has no tokens")
-    limit = engine.max_model_len
     if n_prompt + max_tokens > limit:
         raise RequestRejected(
             "context_length_exceeded",
@@ -47,7 +82,7 @@ def to_gen_request(claimed: Claimed, engine: Engine) -> GenRequest:
     return GenRequest(
         id=claimed.id,
         prompt=prompt,
-        sampling=parsed.sampling,
+        sampling=sampling,
         priority=claimed.priority,
         prompt_token_ids=ids,
     )

@@ -40,14 +40,13 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from sluice.config import Settings
 from sluice.db import Database
-from sluice.errors import RequestRejected
 from sluice.ids import now
 from sluice.models import BULK, INTERACTIVE
 from sluice.store import work
 from sluice.store.work import Claimed, Result
 from worker.engines.base import Engine, GenRequest, GenResult
 from worker.faults import Faults
-from worker.prepare import rejected_result, to_gen_request
+from worker.prepare import prepare
 
 log = logging.getLogger("sluice.worker")
 T = TypeVar("T")
@@ -475,13 +474,7 @@ class Runner:
 
     def _prepare(self, claimed: list[Claimed]) -> None:
         """Validate and render; rejected requests go straight to the writer."""
-        ready: list[GenRequest] = []
-        rejected: list[Result] = []
-        for c in claimed:
-            try:
-                ready.append(to_gen_request(c, self.engine))
-            except RequestRejected as exc:
-                rejected.append(rejected_result(c.id, exc))
+        ready, rejected = prepare(claimed, self.engine)
         if ready:
             self._inbox.put(ready)
         if rejected:

@@ -59,6 +59,10 @@ class Tokenizer(Protocol):
         """Token ids the model will see for this prompt (special tokens as the engine adds)."""
         ...
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """encode() of each text, in one call (the validator tokenizes a claimed chunk)."""
+        ...
+
 
 class Engine(ABC):
     """An engine holding up to `slots` sequences; the worker feeds it continuously.

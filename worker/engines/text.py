@@ -71,6 +71,12 @@ def sim_output(prompt: str, max_tokens: int, stop: Sequence[str] = ()) -> tuple[
     return text, "length", max_tokens
 
 
+def stream_pieces(text: str) -> list[str]:
+    """A text cut into word-sized pieces that join back to exactly the text (streaming)."""
+    words = text.split(" ")
+    return [words[0], *(" " + w for w in words[1:])] if text else []
+
+
 class WaitQueue(Generic[T]):
     """Waiting requests in admission order: lower priority value first, then FIFO."""
 
@@ -130,6 +136,10 @@ class WordTokenizer:
     def encode(self, text: str) -> list[int]:
         """One placeholder id per whitespace-separated word (only the count means anything)."""
         return [0] * count_words(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """encode() of each text."""
+        return [self.encode(text) for text in texts]
 
 
 WORD_TOKENIZER = WordTokenizer()

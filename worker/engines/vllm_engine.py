@@ -134,6 +134,20 @@ class VLLMTokenizer:
         ids: list[int] = self._tok.encode(text, add_special_tokens=add_special)
         return ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """encode() of each text: one batched tokenizer call per kind (with BOS or without)."""
+        out: list[list[int]] = [[] for _ in texts]
+        kinds: dict[bool, list[int]] = {True: [], False: []}
+        for i, text in enumerate(texts):
+            kinds[not (self._bos and text.startswith(self._bos))].append(i)
+        for add_special, where in kinds.items():
+            if not where:
+                continue
+            encoded = self._tok([texts[i] for i in where], add_special_tokens=add_special)
+            for i, ids in zip(where, encoded["input_ids"], strict=True):
+                out[i] = list(ids)
+        return out
+
 
 class VLLMEngine(Engine):
     """vLLM's LLMEngine fed request by request; step() is one scheduler iteration."""
