@@ -72,6 +72,10 @@ class Client:
         """Recent batches, newest first."""
         return list(self._check(self.http.get("/v1/batches", params={"limit": limit}))["data"])
 
+    def status(self, batches: int = 10) -> dict[str, Any]:
+        """The deployment now: queue, workers, throughput, recent batches (`sluice status`)."""
+        return dict(self._check(self.http.get("/v1/admin/status", params={"batches": batches})))
+
     def cancel(self, batch_id: str) -> dict[str, Any]:
         """Cancel a batch."""
         return dict(self._check(self.http.post(f"/v1/batches/{batch_id}/cancel")))

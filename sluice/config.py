@@ -7,11 +7,14 @@ import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, Field, ValidationError, model_validator
+from pydantic import AfterValidator, AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sluice.errors import ConfigError
+from sluice.webhooks.signing import parse_secrets
+from sluice.webhooks.ssrf import Network, parse_allowlist
 
 
 def _registered_engine(name: str) -> str:
@@ -41,6 +44,14 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     public_url: str | None = None
+    # API keys (`sluice keys create`): on unless switched off explicitly, for local use only.
+    auth: Literal["on", "off"] = "on"
+    # The key the CLI and sluice.client send (default: the local key `sluice up` writes).
+    api_key: str | None = Field(None, min_length=1)
+    # Host headers the API answers (comma-separated; "*.example.com" matches subdomains,
+    # "*" any): a rebound DNS name pointing at the API gets 400. Default: localhost names,
+    # SLUICE_HOST when it is a name or address, and SLUICE_PUBLIC_URL's host.
+    trusted_hosts: str = ""
 
     # What the worker serves and what the API accepts.
     engine: EngineName = "echo"
@@ -113,6 +124,49 @@ class Settings(BaseSettings):
     retry_after_seconds: int = Field(5, ge=1, le=3600)
     db_ping_after_idle: float = Field(1.0, ge=0)
 
+    # Metrics and readiness (sluice/metrics.py). The worker serves /metrics on this port when
+    # it is set (0: any free port, logged; unset: off); the API always serves /metrics.
+    worker_metrics_port: int | None = Field(None, ge=0, le=65535)
+    worker_metrics_host: str = "127.0.0.1"
+    # prometheus_client's own variable (it reads it at import): set, the API adds up its
+    # uvicorn workers' metrics from the files there. An empty directory per API start.
+    prometheus_multiproc_dir: Path | None = Field(
+        None, validation_alias=AliasChoices("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
+    )
+    # /readyz is 503 while an accepted model has no live worker; false for deployments that
+    # scale workers to zero and still want the API in rotation.
+    ready_requires_worker: bool = True
+    # A worker whose stats are older than this is not live (it publishes every second).
+    worker_stale_seconds: float = Field(10.0, gt=0)
+
+    # Webhooks (sluice/webhooks): signing secrets, comma-separated `whsec_<base64>` (each
+    # signs every event, so receivers holding any one of them verify during a rotation);
+    # networks trusted despite not being global (e.g. 10.0.0.0/8 for an internal receiver);
+    # per-attempt timeout; retries with exponential backoff and jitter, for at most
+    # webhook_retry_for seconds after the event.
+    webhook_secret: str = ""
+    webhook_allowlist: str = ""
+    webhook_timeout: float = Field(10.0, gt=0, le=300)
+    webhook_retry_for: float = Field(3 * 86400.0, ge=0)
+    webhook_backoff_base: float = Field(5.0, gt=0)
+    webhook_backoff_max: float = Field(3600.0, gt=0)
+    webhook_poll: float = Field(1.0, gt=0)
+    webhook_concurrency: int = Field(8, ge=1, le=256)
+
+    # Flower (`sluice flower`, and `sluice up` starts it): bound to loopback unless set; basic
+    # auth "user:password" (several comma-separated); unset, a generated one is stored in
+    # DATA_DIR/flower-auth and printed. Flower never runs open.
+    flower_host: str = "127.0.0.1"
+    flower_port: int = Field(5555, ge=0, le=65535)
+    flower_basic_auth: str | None = Field(None, pattern=r"^[^:,\s]+:[^,\s]+(,[^:,\s]+:[^,\s]+)*$")
+    flower: bool = True  # false: `sluice up` starts no Flower
+
+    # Logs: "text" (one line each) or "json" (one object per line, with batch and request
+    # ids where known). Prompts and outputs are never logged unless log_prompts is set.
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+    log_prompts: bool = False
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.database_url is not None and not re.match(
@@ -126,6 +180,14 @@ class Settings(BaseSettings):
         if self.engine == "vllm" and self.tensor_parallel_size > 1 and self.worker_threads == 1:
             raise ValueError("SLUICE_WORKER_THREADS must exceed 1 for the vllm engine")
         self._check_aliases()
+        try:
+            parse_secrets(self.webhook_secret)
+        except ValueError as exc:
+            raise ValueError(f"SLUICE_WEBHOOK_SECRET: {exc}") from None
+        try:
+            parse_allowlist(self.webhook_allowlist)
+        except ValueError as exc:
+            raise ValueError(f"SLUICE_WEBHOOK_ALLOWLIST: {exc}") from None
         return self
 
     def _check_aliases(self) -> None:
@@ -156,6 +218,21 @@ class Settings(BaseSettings):
         return names or [self.served_model]
 
     @property
+    def allowed_hosts(self) -> list[str]:
+        """Host header values (without port) the API answers."""
+        names = [n.strip().lower() for n in self.trusted_hosts.split(",") if n.strip()]
+        if names:
+            return names
+        names = ["localhost", "127.0.0.1", "::1"]
+        if self.host not in ("0.0.0.0", "::", ""):
+            names.append(self.host.lower())
+        if self.public_url:
+            public = urlsplit(self.public_url).hostname
+            if public:
+                names.append(public.lower())
+        return names
+
+    @property
     def output_tokens_limit(self) -> int:
         """The largest max_tokens a request may ask for (default: the model's context)."""
         return self.max_output_tokens or self.max_model_len
@@ -174,8 +251,19 @@ class Settings(BaseSettings):
 
     @property
     def resolved_worker_threads(self) -> int:
-        """Celery pool threads: tasks only hand ids to the runner, so a few suffice."""
+        """Celery pool threads: each follows one message's ids until they are settled (the
+        runner claims named ids and the database's queued rows alike, so a few suffice)."""
         return self.worker_threads or 4
+
+    @property
+    def webhook_keys(self) -> list[bytes]:
+        """The webhook signing keys (empty: webhooks are off)."""
+        return parse_secrets(self.webhook_secret)
+
+    @property
+    def webhook_networks(self) -> list[Network]:
+        """Networks webhooks may reach although they are not global."""
+        return parse_allowlist(self.webhook_allowlist)
 
 
 def load_settings(**overrides: object) -> Settings:

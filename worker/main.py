@@ -11,12 +11,14 @@ from celery.signals import worker_shutting_down
 
 from sluice.config import Settings
 from sluice.db import get_database
+from sluice.metrics import GpuCollector
 from sluice.queue import done_channel, queue_name
 from sluice.redis_clients import sync_client
 from worker.celery_app import create_worker_app, set_runner
 from worker.engines import load_engine
 from worker.faults import Faults
 from worker.listener import CancelListener
+from worker.metrics import WorkerCollector, serve_metrics
 from worker.reconciler import Reconciler
 from worker.runner import Runner
 from worker.stats import StatsPublisher
@@ -44,10 +46,15 @@ def run_worker(settings: Settings, redis_url: str, loglevel: str = "INFO") -> in
             client.publish(done_channel(bid), "done")
 
     runner = Runner(settings, db, engine, owner, on_finished=announce, faults=faults)
-    app = create_worker_app(settings, redis_url)
+    app = create_worker_app(settings, redis_url, engine.slots)
     reconciler = Reconciler(settings, db, app, client, owner, runner, announce)
     listener = CancelListener(client, runner.abort_batch)
-    stats = StatsPublisher(client, owner, engine, runner)
+    stats = StatsPublisher(client, owner, engine, runner, model=settings.served_model)
+    # /metrics when SLUICE_WORKER_METRICS_PORT is set: counters, engine gauges, the GPU.
+    metrics = None
+    if settings.worker_metrics_port is not None:
+        gauges = WorkerCollector(owner, settings.served_model, engine, runner)
+        metrics = serve_metrics(settings, [gauges, GpuCollector()])
     set_runner(runner)
 
     def drain_on_shutdown(**_kwargs: object) -> None:
@@ -79,6 +86,8 @@ def run_worker(settings: Settings, redis_url: str, loglevel: str = "INFO") -> in
         runner.stop(settings.shutdown_grace + 5)
         # After the runner: the last publish includes the last writes.
         stats.stop()
+        if metrics is not None:
+            metrics.stop()
         set_runner(None)
         engine.close()
         db.dispose()

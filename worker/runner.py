@@ -46,6 +46,7 @@ from sluice.store import work
 from sluice.store.work import Claimed, Result
 from worker.engines.base import Engine, GenRequest, GenResult
 from worker.faults import Faults
+from worker.metrics import RunnerMetrics
 from worker.prepare import prepare
 
 log = logging.getLogger("sluice.worker")
@@ -151,6 +152,8 @@ class Runner:
         self._drain_deadline: float | None = None  # engine thread: set by a Drain
         self._claimer_done = False  # engine thread: the claimer has stopped
         self._overrun_timer: threading.Timer | None = None
+        # Prometheus: one call per claim and per written batch (worker/metrics.py).
+        self.metrics = RunnerMetrics(settings.served_model)
 
     # -- called by Celery task threads ------------------------------------------------
     def submit(self, ids: Iterable[int], priority: int) -> Ticket:
@@ -174,6 +177,10 @@ class Runner:
         """Requests claimed and not yet written (id -> batch id)."""
         with self._cv:
             return dict(self._inflight)
+
+    def writer_backlog(self) -> int:
+        """Result groups waiting for the writer (a metrics gauge; approximate by nature)."""
+        return self._results.qsize()
 
     def abort_batch(self, batch_id: str) -> None:
         """Abort this batch's requests that are in the engine (its queued ones are cancelled)."""
@@ -474,6 +481,7 @@ class Runner:
 
     def _prepare(self, claimed: list[Claimed]) -> None:
         """Validate and render; rejected requests go straight to the writer."""
+        self.metrics.claimed(claimed)
         ready, rejected = prepare(claimed, self.engine)
         if ready:
             self._inbox.put(ready)
@@ -617,11 +625,13 @@ class Runner:
                     batch.extend(nxt)
             if batch:
                 finished = self._db(work.write_results, self.db, self.owner, batch)
+                self.metrics.written(batch)
                 self._done_with([r.id for r in batch], written=True)
                 self._announce(finished)
             for rel in releases:
                 max_attempts = self.settings.max_attempts
                 self._db(work.release, self.db, self.owner, rel.ids, max_attempts, charge=False)
+                self.metrics.released(rel.ids)
                 self._done_with(rel.ids, written=False)
 
     def _done_with(self, ids: list[int], written: bool) -> None:

@@ -8,6 +8,7 @@ process, so this is how anything outside it sees how full the engine was kept).
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -25,6 +26,8 @@ log = logging.getLogger("sluice.worker")
 
 # Several missed publishes before a key vanishes: a busy worker is not mistaken for a dead one.
 STATS_TTL_SECONDS = 30
+# Throughput in the stats is averaged over this many seconds (ten publishes).
+RATE_WINDOW = 10.0
 
 
 class RunnerCounters(Protocol):
@@ -39,7 +42,9 @@ class RunnerCounters(Protocol):
         ...
 
 
-def collect_stats(owner: str, engine: Engine, runner: RunnerCounters) -> dict[str, Any]:
+def collect_stats(
+    owner: str, engine: Engine, runner: RunnerCounters, model: str = "", state: str = "running"
+) -> dict[str, Any]:
     """One worker's stats now: identity, counters, and the engine's meter (when it has one)."""
     meter = getattr(engine, "meter", None)
     snapshot = meter.snapshot() if isinstance(meter, OccupancyMeter) else None
@@ -49,6 +54,9 @@ def collect_stats(owner: str, engine: Engine, runner: RunnerCounters) -> dict[st
         "pid": os.getpid(),
         "ts": time.time(),
         "engine": engine.name,
+        # The model it serves (readiness, `sluice status`); "stopped" in the final publish.
+        "model": model,
+        "state": state,
         "slots": engine.slots,
         "feed_mode": "batch" if runner.batch_mode else "continuous",
         "inflight_target": runner.target,
@@ -61,10 +69,16 @@ def collect_stats(owner: str, engine: Engine, runner: RunnerCounters) -> dict[st
 
 
 def publish_stats(
-    client: redis.Redis, owner: str, engine: Engine, runner: RunnerCounters
+    client: redis.Redis,
+    owner: str,
+    engine: Engine,
+    runner: RunnerCounters,
+    model: str = "",
+    state: str = "running",
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write this worker's stats to `sluice:stats:<owner>` (expiring) and return them."""
-    stats = collect_stats(owner, engine, runner)
+    stats = {**collect_stats(owner, engine, runner, model, state), **(extra or {})}
     client.set(stats_key(owner), json.dumps(stats), ex=STATS_TTL_SECONDS)
     return stats
 
@@ -92,8 +106,13 @@ class StatsPublisher:
         engine: Engine,
         runner: RunnerCounters,
         interval: float = 1.0,
+        model: str = "",
     ) -> None:
         self.client = client
+        self.model = model
+        self._state = "running"
+        # (time, requests written, tokens generated): throughput over the last RATE_WINDOW.
+        self._samples: collections.deque[tuple[float, int, int]] = collections.deque()
         self.owner = owner
         self.engine = engine
         self.runner = runner
@@ -109,6 +128,7 @@ class StatsPublisher:
         """Stop the loop and publish the final numbers."""
         self._stop.set()
         self._thread.join(10)
+        self._state = "stopped"
         self._publish()
 
     def _loop(self) -> None:
@@ -116,9 +136,29 @@ class StatsPublisher:
         while not self._stop.wait(self.interval):
             self._publish()
 
+    def _rates(self) -> dict[str, float]:
+        """Requests and tokens per second over the last RATE_WINDOW seconds."""
+        metrics = getattr(self.runner, "metrics", None)
+        tokens = int(getattr(metrics, "tokens_generated", 0))
+        now = time.monotonic()
+        self._samples.append((now, self.runner.completed, tokens))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= RATE_WINDOW:
+            self._samples.popleft()
+        t0, done0, tokens0 = self._samples[0]
+        span = now - t0
+        if span <= 0:
+            return {"requests_per_second": 0.0, "tokens_per_second": 0.0}
+        return {
+            "requests_per_second": round((self.runner.completed - done0) / span, 3),
+            "tokens_per_second": round((tokens - tokens0) / span, 3),
+        }
+
     def _publish(self) -> None:
         try:
-            publish_stats(self.client, self.owner, self.engine, self.runner)
+            publish_stats(
+                self.client, self.owner, self.engine, self.runner, self.model, self._state,
+                self._rates(),
+            )  # fmt: skip
         except redis.RedisError:
             # Stats are advisory: a Redis hiccup must not disturb the work.
             log.warning("could not publish worker stats", exc_info=True)

@@ -13,6 +13,7 @@ from sqlalchemy import text
 from api.deps import AppState, DbDep, RedisDep, SettingsDep, StateDep
 from api.docs import COMMON, ERRORS
 from api.errors import ApiError
+from api.workers import models_without_worker, read_workers
 from sluice.aliases import aliases, known_models
 from sluice.config import Settings
 from sluice.db import Database
@@ -40,9 +41,29 @@ def _listener(state: AppState) -> str:
     return "subscribed" if state.listener.healthy else "reconnecting"
 
 
+UNKNOWN = "unknown (redis is down)"
+
+
+async def _workers_check(state: AppState) -> str:
+    """ok when every accepted model has a live worker; else which have none."""
+    try:
+        with anyio.fail_after(CHECK_TIMEOUT):
+            workers = await read_workers(state.redis, state.settings.worker_stale_seconds)
+    except Exception as exc:
+        # Workers are known only through Redis: its outage is reported once, as redis.
+        log.warning("readiness: cannot read workers (%s: %s)", type(exc).__name__, exc)
+        return UNKNOWN
+    missing = models_without_worker(workers, state.settings.accepted_models)
+    if not missing:
+        return "ok"
+    names = ", ".join(repr(m) for m in missing)
+    return f"no live worker serves {names} (start one: sluice worker)"
+
+
 @router.get("/readyz", response_model=None, responses={503: COMMON[503]})
 async def readyz(db: DbDep, redis: RedisDep, state: StateDep) -> JSONResponse:
-    """200 when the database and Redis answer; 503 naming what does not."""
+    """200 when the database and Redis answer and every accepted model has a live worker;
+    503 naming what does not."""
     checks: dict[str, str] = {}
     try:
         with anyio.fail_after(CHECK_TIMEOUT):
@@ -59,9 +80,14 @@ async def readyz(db: DbDep, redis: RedisDep, state: StateDep) -> JSONResponse:
     except Exception as exc:
         log.warning("readiness: Redis is down (%s: %s)", type(exc).__name__, exc)
         checks["redis"] = f"down ({type(exc).__name__})"
-    down = sorted(name for name, state in checks.items() if state != "ok")
+    if state.settings.ready_requires_worker:
+        redis_ok = checks["redis"] == "ok"
+        checks["workers"] = await _workers_check(state) if redis_ok else UNKNOWN
+    down = sorted(name for name, state in checks.items() if state not in ("ok", UNKNOWN))
     if down:
-        message = "; ".join(f"{name} is {checks[name]}" for name in down)
+        message = "; ".join(
+            checks[name] if name == "workers" else f"{name} is {checks[name]}" for name in down
+        )
         body: dict[str, Any] = {
             "status": "unavailable",
             "down": down,

@@ -53,6 +53,7 @@ class Claimed:
     crashes: int
     body: str  # a job's body JSON, or a file's whole input line (whose "body" to run)
     from_file: bool
+    queued_at: float = 0.0  # when it was queued (the worker's time-in-queue metric)
 
 
 @dataclass
@@ -169,6 +170,7 @@ def _claim(
                 requests.c.body,
                 requests.c.file_id,
                 requests.c.line_no,
+                requests.c.queued_at,
                 *([_input_line] if db.is_postgres else []),
             )
         ).all()
@@ -186,6 +188,7 @@ def _claim(
             r.crashes,
             r.body if r.body is not None else lines.get((r.file_id, r.line_no), ""),
             r.body is None,
+            r.queued_at or 0.0,
         )
         # UPDATE ... RETURNING promises no order; id order is queue order (and prefix order).
         for r in sorted(rows, key=lambda r: r.id)
