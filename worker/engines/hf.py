@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sluice.config import Settings
 from sluice.errors import ConfigError
-from worker.engines.base import Delta, Engine, GenRequest, GenResult, Sampling
+from worker.engines.base import Engine, GenRequest, GenResult, Sampling
 from worker.engines.meter import OccupancyMeter
 from worker.engines.text import WaitQueue, apply_stop
 
@@ -90,7 +90,6 @@ class HFEngine(Engine):
         self._slots = settings.max_num_seqs
         self._waiting: WaitQueue[tuple[GenRequest, list[int]]] = WaitQueue()
         self._done: list[GenResult] = []  # aborted or rejected, returned by the next step
-        self._deltas: list[Delta] = []
         self.meter = OccupancyMeter(self._slots)
 
     def _eos_token_ids(self) -> list[int]:
@@ -157,10 +156,6 @@ class HFEngine(Engine):
         except Exception as exc:  # one failed batch must not take the worker down
             message = f"generation failed: {type(exc).__name__}: {exc}"
             results.extend(GenResult(r.id, "", "error", len(ids), 0, message) for r, ids in batch)
-        # generate() runs a batch to its end in one call: a streaming request's text arrives
-        # as one delta when it finishes (vLLM streams token by token).
-        streaming = {r.id for r, _ in batch if r.stream}
-        self._deltas += [Delta(r.id, r.text) for r in results if r.id in streaming and r.text]
         tokens = sum(r.completion_tokens for r in results)
         self.meter.record_step(start, time.monotonic(), len(batch), tokens)
         return results
@@ -206,11 +201,6 @@ class HFEngine(Engine):
             finish = "stop" if cut or not hit_limit else "length"
             results.append(GenResult(request.id, text, finish, len(ids), len(generated)))
         return results
-
-    def take_deltas(self) -> list[Delta]:
-        """Streaming requests finished by the last step, each as one delta."""
-        out, self._deltas = self._deltas, []
-        return out
 
     def close(self) -> None:
         """Free the model's memory."""
