@@ -18,7 +18,7 @@ from sluice.aliases import aliases
 from sluice.db import Database
 from sluice.errors import InvalidInput, NotFound
 from sluice.render import batch_object, results_chunks
-from sluice.sampling import ENDPOINTS
+from sluice.sampling import EMBEDDINGS, EMBEDDINGS_REFUSED, ENDPOINTS
 from sluice.store.batches import (
     cancel_batch,
     create_batch,
@@ -92,6 +92,8 @@ async def create(
 ) -> dict[str, Any]:
     """Check the input file and queue its lines; a file with bad lines gives a failed batch."""
     settings = state.settings
+    if batch.endpoint == EMBEDDINGS:
+        raise InvalidInput(EMBEDDINGS_REFUSED, param="endpoint", code="invalid_value")
     if batch.endpoint not in ENDPOINTS:
         raise InvalidInput(
             f"endpoint must be one of {', '.join(ENDPOINTS)}", param="endpoint",

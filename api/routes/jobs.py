@@ -54,6 +54,17 @@ class JobIn(BaseModel):
     n: int | None = None
     stream: bool | None = None
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    # Chat: true/false (with top_logprobs); completions: 0-5 alternatives.
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    # Refused by the checker with a message naming them (no tool-call parser here).
+    tools: Any = None
+    tool_choice: Any = None
 
 
 def _dotted(param: str | None) -> str | None:
@@ -103,7 +114,13 @@ def check_body(body: dict[str, Any], settings: Settings) -> tuple[str, dict[str,
         body.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
     endpoint = CHAT if "messages" in body else COMPLETIONS
     try:
-        parse_body(endpoint, body, max_tokens_limit=settings.output_tokens_limit, check_nul=True)
+        parse_body(
+            endpoint,
+            body,
+            max_tokens_limit=settings.output_tokens_limit,
+            check_nul=True,
+            engine=settings.engine,
+        )
     except InvalidInput as exc:
         param = _dotted(exc.param)
         message = exc.message.replace(exc.param, param) if exc.param and param else exc.message

@@ -15,7 +15,7 @@ from sluice.errors import InvalidInput, TooLarge
 from sluice.ids import new_file_id, unix
 from sluice.models import file_lines, files
 from sluice.prefix import prefix_key, prompt_text
-from sluice.sampling import ENDPOINTS, find_nul, parse_body
+from sluice.sampling import EMBEDDINGS, EMBEDDINGS_REFUSED, ENDPOINTS, find_nul, parse_body
 
 INSERT_CHUNK = 2000
 MAX_PARAM = 128
@@ -83,10 +83,17 @@ def _error(line_no: int, code: str, message: str, param: str | None = None) -> d
 
 
 def parse_line(
-    line_no: int, raw: bytes | None, max_line_bytes: int, max_tokens_limit: int | None = None
+    line_no: int,
+    raw: bytes | None,
+    max_line_bytes: int,
+    max_tokens_limit: int | None = None,
+    engine: str | None = None,
 ) -> dict[str, Any]:
-    """Check one OpenAI batch line; returns its file_lines row (with an error if bad)."""
-    row = _check_line(line_no, raw, max_line_bytes, max_tokens_limit)
+    """Check one OpenAI batch line; returns its file_lines row (with an error if bad).
+
+    engine: the served engine's name; a field it cannot honour is that line's error.
+    """
+    row = _check_line(line_no, raw, max_line_bytes, max_tokens_limit, engine)
     if row["raw"] is None and raw is not None and b"\x00" not in raw:
         # A bad line keeps its text so the file downloads as uploaded; NUL bytes cannot
         # be stored in PostgreSQL text, and undecodable bytes are not text at all.
@@ -96,7 +103,11 @@ def parse_line(
 
 
 def _check_line(
-    line_no: int, raw: bytes | None, max_line_bytes: int, max_tokens_limit: int | None
+    line_no: int,
+    raw: bytes | None,
+    max_line_bytes: int,
+    max_tokens_limit: int | None,
+    engine: str | None,
 ) -> dict[str, Any]:
     if raw is None:
         return _error(line_no, "line_too_long", f"longer than {max_line_bytes} bytes")
@@ -129,10 +140,12 @@ def _check_line(
         )
     if method != "POST":
         return _error(line_no, "invalid_method", "method must be POST", "method")
+    if url == EMBEDDINGS:
+        return _error(line_no, "invalid_url", EMBEDDINGS_REFUSED, "url")
     if url not in ENDPOINTS:
         return _error(line_no, "invalid_url", f"url must be one of {', '.join(ENDPOINTS)}", "url")
     try:
-        parsed = parse_body(url, obj["body"], max_tokens_limit=max_tokens_limit)
+        parsed = parse_body(url, obj["body"], max_tokens_limit=max_tokens_limit, engine=engine)
     except InvalidInput as exc:
         return _error(line_no, exc.code, exc.message, f"body.{exc.param or ''}".rstrip("."))
     if not parsed.model:
@@ -174,8 +187,10 @@ class FileIngest:
         max_line_bytes: int,
         ttl_days: int,
         max_tokens_limit: int | None = None,
+        engine: str | None = None,
     ) -> None:
         self.db = db
+        self.engine = engine
         self.id = new_file_id()
         self.filename = filename
         self.purpose = purpose
@@ -237,7 +252,7 @@ class FileIngest:
         return StoredFile(self.id, self.bytes, lines, self.bad_lines)
 
     def _add(self, line_no: int, raw: bytes | None) -> None:
-        row = parse_line(line_no, raw, self.max_line_bytes, self.max_tokens_limit)
+        row = parse_line(line_no, raw, self.max_line_bytes, self.max_tokens_limit, self.engine)
         if row["error_code"]:
             self.bad_lines += 1
         row["file_id"] = self.id

@@ -175,7 +175,7 @@ def test_too_many_tasks_uses_the_configured_limit(
     ("body", "status", "param"),
     [
         ({"endpoint": "/v1/embeddings"}, 400, "endpoint"),
-        ({"endpoint": "/v1/responses"}, 400, "endpoint"),
+        ({"endpoint": "/v1/moderations"}, 400, "endpoint"),
         ({"completion_window": "soon"}, 400, "completion_window"),
         ({"metadata": {f"k{i}": "v" for i in range(17)}}, 400, "metadata"),
         ({"metadata": {"k" * 65: "v"}}, 400, "metadata"),

@@ -117,7 +117,7 @@ BAD_JOBS = [
          json=job(presence_penalty=5)),
     Case("job: frequency_penalty -5", "POST", J, 400, "invalid_value", "frequency_penalty",
          json=job(frequency_penalty=-5)),
-    Case("job: n 2", "POST", J, 400, "invalid_value", "n", json=job(n=2)),
+    Case("job: n 0", "POST", J, 400, "invalid_value", "n", json=job(n=0)),
     Case("job: n true", "POST", J, 400, "invalid_value", "n", json=job(n=True)),
     Case("job: stream", "POST", J, 400, "invalid_value", "stream", json=job(stream=True)),
     Case("job: five stop strings", "POST", J, 400, "invalid_value", "stop",
