@@ -1,4 +1,4 @@
-"""The `sluice` command: up, api, worker, db upgrade, run, batches, model tiny."""
+"""The `sluice` command: up, api, worker, db upgrade, run, batches, keys, model tiny."""
 
 from __future__ import annotations
 
@@ -201,6 +201,95 @@ def cmd_batches(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the deployment's status (through the API, so it works remotely)."""
+    from sluice.client import Client
+    from sluice.status import show
+
+    url = args.url or settings.public_url or f"http://{settings.host}:{settings.port}"
+    if args.watch is not None and args.watch <= 0:
+        print("sluice status: --watch needs a positive number of seconds", file=sys.stderr)
+        return 2
+    _stop_on_signals()
+    import httpx
+
+    try:
+        show(Client(url), sys.stdout, args.json, args.watch, args.batches)
+    except KeyboardInterrupt:
+        return 0 if args.watch is not None else 130
+    except httpx.HTTPError as exc:
+        print(f"sluice status: cannot reach the API at {url} ({type(exc).__name__}); is it "
+              "running? (--url names another)", file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
+def _duration(text: str) -> int:
+    """'90m', '24h', '30d', '3600' (seconds) -> seconds."""
+    unit = DURATION_UNITS.get(text[-1:].lower(), 1) if text else 1
+    number = text[:-1] if text[-1:].lower() in DURATION_UNITS else text
+    if not number.isdigit() or int(number) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 3600, 90m, 24h, 30d")
+    return int(number) * unit
+
+
+def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
+    """Create, list or revoke API keys (in the configured database)."""
+    from sqlalchemy.exc import DBAPIError
+
+    from sluice.db import get_database
+    from sluice.ids import unix
+    from sluice.store import keys
+
+    db = get_database(settings)
+    try:
+        if args.keys_cmd == "create":
+            key, info = keys.create_key(
+                db,
+                owner=args.owner,
+                name=args.name or "",
+                admin=args.admin,
+                expires_at=unix() + args.expires_in if args.expires_in else None,
+                rpm_limit=args.rpm,
+                queued_limit=args.max_queued,
+                bytes_limit=args.max_bytes,
+            )
+            print(f"created {info.id} for owner {info.owner}" + (" (admin)" if info.admin else ""),
+                  file=sys.stderr)  # fmt: skip
+            print("the key is shown only now; Sluice keeps only its hash:", file=sys.stderr)
+            print(key)
+            return 0
+        if args.keys_cmd == "revoke":
+            print(f"revoked {keys.revoke_key(db, args.key)}")
+            return 0
+        now = unix()
+        for row in keys.list_keys(db, args.owner):
+            state = "revoked" if row["revoked_at"] else "active"
+            if state == "active" and row["expires_at"] is not None and row["expires_at"] <= now:
+                state = "expired"
+            limits = ", ".join(
+                f"{name} {row[col]}"
+                for name, col in (("rpm", "rpm_limit"), ("queued", "queued_limit"),
+                                  ("bytes", "bytes_limit"))
+                if row[col] is not None
+            )  # fmt: skip
+            print(
+                f"{row['id']}  {row['prefix']}...  {state:<7}  owner {row['owner']}"
+                + ("  admin" if row["admin"] else "")
+                + f"  {row['name']}"
+                + (f"  [{limits}]" if limits else "")
+            )
+        return 0
+    except DBAPIError as exc:
+        # The statement's text and parameters stay out of it: the table may be missing.
+        print(f"sluice keys: the database refused ({type(exc.orig).__name__}); has "
+              "`sluice db upgrade` run on it?", file=sys.stderr)  # fmt: skip
+        return 1
+
+
 def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     """The argument parser (defaults for host and port come from settings)."""
     host = settings.host if settings else "127.0.0.1"
@@ -237,6 +326,24 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     )
     r.add_argument("--completion-window", default="24h")
     r.set_defaults(fn=cmd_run)
+    k = sub.add_parser("keys", help="API keys: create|list|revoke").add_subparsers(
+        dest="keys_cmd", required=True
+    )
+    kc = k.add_parser("create", help="create a key (printed once)")
+    kc.add_argument("--owner", required=True, help="who owns what the key creates")
+    kc.add_argument("--name", help="a label (default: the owner)")
+    kc.add_argument("--admin", action="store_true", help="sees every owner's resources")
+    kc.add_argument("--expires-in", type=_duration, help="e.g. 90d, 24h (default: never)")
+    kc.add_argument("--rpm", type=int, help="requests per minute")
+    kc.add_argument("--max-queued", type=int, help="the owner's queued requests")
+    kc.add_argument("--max-bytes", type=int, help="the owner's stored file bytes")
+    kc.set_defaults(fn=cmd_keys)
+    kl = k.add_parser("list", help="list keys (prefixes only)")
+    kl.add_argument("--owner")
+    kl.set_defaults(fn=cmd_keys)
+    kr = k.add_parser("revoke", help="revoke a key by id or prefix")
+    kr.add_argument("key")
+    kr.set_defaults(fn=cmd_keys)
     b = sub.add_parser("batches", help="list|get|cancel|results")
     b.add_argument("action", choices=["list", "get", "cancel", "results"])
     b.add_argument("batch_id", nargs="?")

@@ -39,6 +39,8 @@ class Database:
             # connect_timeout: an unreachable server fails a call in bounded time (a 503).
             self.engine = create_engine(
                 url,
+                # Bound values (prompts, outputs) never reach logs or error messages.
+                hide_parameters=True,
                 pool_size=10,
                 max_overflow=20,
                 connect_args={"connect_timeout": CONNECT_TIMEOUT},
@@ -94,7 +96,9 @@ def _ping_idle_connections(engine: Engine, after: float) -> None:
 
 
 def _sqlite_engine(url: str, begin: str) -> Engine:
-    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+    engine = create_engine(
+        url, hide_parameters=True, connect_args={"timeout": 60, "check_same_thread": False}
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:

@@ -1,4 +1,4 @@
-"""Database tables: files (and their input lines), batches, requests."""
+"""Database tables: files (and their input lines), batches, requests, API keys."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import cast
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Float,
     ForeignKey,
     Index,
@@ -139,6 +140,9 @@ class Batch(Base):
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     # Prompt tokens served from the engine's prefix cache (part of input_tokens).
     cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    # OpenAI's output_expires_after.seconds: how long the output and error files live
+    # (NULL: the default, 30 days); the reconciler deletes them after.
+    output_expires_after: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Request(Base):
@@ -194,8 +198,32 @@ class Request(Base):
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
+class ApiKey(Base):
+    """An API key: only its SHA-256 and a display prefix are stored, never the key."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    # Every file, batch and job a key creates belongs to its owner (a team, a tenant).
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    prefix: Mapped[str] = mapped_column(String(32))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # Sees every owner's resources (responses say so with a header).
+    admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    created_at: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    revoked_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Per-key limits (NULL: none): requests per minute (this key), and the owner's queued
+    # requests and stored bytes.
+    rpm_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    queued_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    bytes_limit: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
 # Core tables for bulk SQL (the ORM classes above are the schema, for Alembic and typing).
 files = cast(Table, File.__table__)
 file_lines = cast(Table, FileLine.__table__)
 batches = cast(Table, Batch.__table__)
 requests = cast(Table, Request.__table__)
+api_keys = cast(Table, ApiKey.__table__)
