@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     max_file_lines: int = Field(50_000, ge=1)
     max_line_bytes: int = Field(1024 * 1024, ge=16)
     max_wait_seconds: float = Field(60.0, ge=0)
+    # Online requests (/v1/chat/completions, /v1/completions): an answer not finished in this
+    # long is 504 (an error event when streaming) and the request is cancelled.
+    online_timeout: float = Field(600.0, gt=0)
     file_ttl_days: int = Field(30, ge=1)
     # Hostile input and overload (the API): every size bounded where it enters.
     max_body_bytes: int = Field(1024 * 1024, ge=1024)

@@ -8,7 +8,7 @@ from typing import Any
 
 from sluice.db import Database
 from sluice.models import CANCELLED, EXPIRED, FAILED, SUCCEEDED, TERMINAL_REQUEST
-from sluice.sampling import CHAT
+from sluice.sampling import CHAT, RESPONSES
 from sluice.store.files import PAGE, input_line_pages, record_bytes, request_pages
 
 Row = Mapping[Any, Any]
@@ -95,10 +95,53 @@ def _usage(req: Row) -> dict[str, Any]:
     }
 
 
+def _stored_choices(req: Row) -> list[dict[str, Any]]:
+    """The request's choices: from choices_json (n > 1 or logprobs), else its one output."""
+    raw = req.get("choices_json")
+    if raw:
+        return list(json.loads(raw))
+    return [{"text": req["output_text"] or "", "finish_reason": req["finish_reason"]}]
+
+
+def _chat_logprobs(tokens: list[Any] | None) -> dict[str, Any] | None:
+    """OpenAI's chat logprobs: content [{token, logprob, bytes, top_logprobs}]."""
+    if tokens is None:
+        return None
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", "replace"))}
+
+    return {
+        "content": [
+            {**entry(tok, lp), "top_logprobs": [entry(t, p) for t, p in top]}
+            for tok, lp, top in tokens
+        ],
+        "refusal": None,
+    }
+
+
+def _completion_logprobs(tokens: list[Any] | None) -> dict[str, Any] | None:
+    """OpenAI's (legacy) completions logprobs: parallel lists and text offsets."""
+    if tokens is None:
+        return None
+    offsets, at = [], 0
+    for tok, _, _ in tokens:
+        offsets.append(at)
+        at += len(tok)
+    return {
+        "tokens": [tok for tok, _, _ in tokens],
+        "token_logprobs": [lp for _, lp, _ in tokens],
+        "top_logprobs": [dict(top) for _, _, top in tokens],
+        "text_offset": offsets,
+    }
+
+
 def completion_body(req: Row) -> dict[str, Any]:
-    """The chat.completion or text_completion object of a succeeded request."""
+    """The chat.completion, text_completion or response object of a succeeded request."""
     created = int(req["finished_at"] or 0)
-    text = req["output_text"] or ""
+    choices = _stored_choices(req)
+    if req["endpoint"] == RESPONSES:
+        return response_body(req, choices[0])
     if req["endpoint"] == CHAT:
         return {
             "id": f"chatcmpl-{req['id']}",
@@ -107,11 +150,12 @@ def completion_body(req: Row) -> dict[str, Any]:
             "model": req["model"],
             "choices": [
                 {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
-                    "finish_reason": req["finish_reason"],
-                    "logprobs": None,
+                    "index": i,
+                    "message": {"role": "assistant", "content": c["text"], "refusal": None},
+                    "finish_reason": c["finish_reason"],
+                    "logprobs": _chat_logprobs(c.get("logprobs")),
                 }
+                for i, c in enumerate(choices)
             ],
             "usage": _usage(req),
             "system_fingerprint": None,
@@ -123,13 +167,48 @@ def completion_body(req: Row) -> dict[str, Any]:
         "model": req["model"],
         "choices": [
             {
-                "index": 0,
-                "text": text,
-                "finish_reason": req["finish_reason"],
-                "logprobs": None,
+                "index": i,
+                "text": c["text"],
+                "finish_reason": c["finish_reason"],
+                "logprobs": _completion_logprobs(c.get("logprobs")),
             }
+            for i, c in enumerate(choices)
         ],
         "usage": _usage(req),
+    }
+
+
+def response_body(req: Row, choice: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's Response object (/v1/responses) for text output."""
+    prompt, completion = int(req["prompt_tokens"] or 0), int(req["completion_tokens"] or 0)
+    cut = choice["finish_reason"] == "length"
+    return {
+        "id": f"resp_{req['id']}",
+        "object": "response",
+        "created_at": int(req["finished_at"] or 0),
+        "status": "incomplete" if cut else "completed",
+        "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+        "error": None,
+        "model": req["model"],
+        "output": [
+            {
+                "type": "message",
+                "id": f"msg_{req['id']}",
+                "status": "incomplete" if cut else "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": choice["text"], "annotations": []}],
+            }
+        ],
+        "parallel_tool_calls": False,
+        "tool_choice": "none",
+        "tools": [],
+        "usage": {
+            "input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": int(req["cached_tokens"] or 0)},
+            "output_tokens": completion,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + completion,
+        },
     }
 
 
@@ -248,6 +327,9 @@ def job_object(batch: Row, req: Row | None) -> dict[str, Any]:
         "finish_reason": req["finish_reason"] if req is not None else None,
         "usage": _usage(req) if req is not None and status in (SUCCEEDED, FAILED) else None,
         "error": error,
+        # The OpenAI body its endpoint answers (chat.completion or text_completion), as the
+        # online endpoints and batch output lines carry it.
+        "response": completion_body(req) if req is not None and status == SUCCEEDED else None,
         "created_at": batch["created_at"],
         "timings": {
             "queued_at": queued,

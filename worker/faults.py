@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sluice.errors import ConfigError
-from worker.engines.base import Engine, GenRequest, GenResult, Tokenizer
+from worker.engines.base import Delta, Engine, GenRequest, GenResult, Tokenizer
 
 KINDS = ("engine-crash-on", "engine-kill-on", "engine-hang-on", "thread-crash")
 THREADS = ("claimer", "engine", "writer")
@@ -119,6 +119,10 @@ class FaultyEngine(Engine):
     def busy_slots(self) -> int:
         """The inner engine's count."""
         return self.inner.busy_slots()
+
+    def take_deltas(self) -> list[Delta]:
+        """The inner engine's streamed text."""
+        return self.inner.take_deltas()
 
     def close(self) -> None:
         """Close the inner engine."""

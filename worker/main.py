@@ -15,6 +15,7 @@ from sluice.metrics import GpuCollector
 from sluice.queue import done_channel, queue_name
 from sluice.redis_clients import sync_client
 from worker.celery_app import create_worker_app, set_runner
+from worker.deltas import DeltaPublisher
 from worker.engines import load_engine
 from worker.faults import Faults
 from worker.listener import CancelListener
@@ -45,7 +46,8 @@ def run_worker(settings: Settings, redis_url: str, loglevel: str = "INFO") -> in
         for bid in batch_ids:
             client.publish(done_channel(bid), "done")
 
-    runner = Runner(settings, db, engine, owner, on_finished=announce, faults=faults)
+    deltas = DeltaPublisher(client)
+    runner = Runner(settings, db, engine, owner, on_finished=announce, faults=faults, deltas=deltas)
     app = create_worker_app(settings, redis_url, engine.slots)
     reconciler = Reconciler(settings, db, app, client, owner, runner, announce)
     listener = CancelListener(client, runner.abort_batch)
@@ -65,6 +67,7 @@ def run_worker(settings: Settings, redis_url: str, loglevel: str = "INFO") -> in
     runner.start()
     reconciler.start()
     listener.start()
+    deltas.start()
     stats.start()
     model = settings.served_model
     worker = app.Worker(
@@ -86,6 +89,7 @@ def run_worker(settings: Settings, redis_url: str, loglevel: str = "INFO") -> in
         runner.stop(settings.shutdown_grace + 5)
         # After the runner: the last publish includes the last writes.
         stats.stop()
+        deltas.stop()
         if metrics is not None:
             metrics.stop()
         set_runner(None)

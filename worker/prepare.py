@@ -6,7 +6,7 @@ import orjson
 
 from sluice.errors import InvalidInput, RequestRejected
 from sluice.ids import now
-from sluice.sampling import CHAT, Sampling, message_text, parse_body
+from sluice.sampling import Sampling, message_text, parse_body
 from sluice.store.work import Claimed, Result
 from worker.engines.base import Engine, GenRequest, Tokenizer
 
@@ -23,7 +23,7 @@ def prepare(claimed: list[Claimed], engine: Engine) -> tuple[list[GenRequest], l
     rejected: list[Result] = []
     for c in claimed:
         try:
-            rendered.append((c, *_render(c, tokenizer)))
+            rendered.append((c, *_render(c, tokenizer, engine.name)))
         except RequestRejected as exc:
             rejected.append(rejected_result(c.id, exc))
     ready: list[GenRequest] = []
@@ -40,24 +40,28 @@ def prepare(claimed: list[Claimed], engine: Engine) -> tuple[list[GenRequest], l
 
 def to_gen_request(claimed: Claimed, engine: Engine) -> GenRequest:
     """One row: render, tokenize once and check the fit; RequestRejected for this row only."""
-    prompt, sampling = _render(claimed, engine.tokenizer)
+    prompt, sampling = _render(claimed, engine.tokenizer, engine.name)
     ids = engine.tokenizer.encode(prompt)
     return _checked(claimed, prompt, sampling, ids, engine.max_model_len)
 
 
-def _render(claimed: Claimed, tokenizer: Tokenizer) -> tuple[str, Sampling]:
+def _render(claimed: Claimed, tokenizer: Tokenizer, engine: str) -> tuple[str, Sampling]:
     """The stored body checked and rendered to the prompt text the model sees."""
     try:
         body = orjson.loads(claimed.body)
         if claimed.from_file:
             body = body["body"]
-        parsed = parse_body(claimed.endpoint, body)
+        # An online request may stream (its text goes out as produced); file lines never do.
+        # The engine's capabilities again: an API configured for another engine must not
+        # have a field silently ignored here.
+        parsed = parse_body(
+            claimed.endpoint, body, allow_stream=not claimed.from_file, engine=engine
+        )
     except (ValueError, KeyError, TypeError) as exc:
         raise RequestRejected("invalid_body", f"the stored body cannot be read: {exc}") from None
     except InvalidInput as exc:
         raise RequestRejected(exc.code, exc.message) from None
-    if claimed.endpoint == CHAT:
-        assert parsed.messages is not None
+    if parsed.messages is not None:  # chat, and /v1/responses (run as chat)
         messages = [{**m, "content": message_text(m.get("content"))} for m in parsed.messages]
         return tokenizer.render_chat(messages), parsed.sampling
     assert parsed.prompt is not None

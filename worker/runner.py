@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
+import orjson
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from sluice.config import Settings
@@ -44,6 +45,7 @@ from sluice.ids import now
 from sluice.models import BULK, INTERACTIVE
 from sluice.store import work
 from sluice.store.work import Claimed, Result
+from worker.deltas import DeltaPublisher, mark_streams
 from worker.engines.base import Engine, GenRequest, GenResult
 from worker.faults import Faults
 from worker.metrics import RunnerMetrics
@@ -115,8 +117,11 @@ class Runner:
         owner: str,
         on_finished: Callable[[list[str]], None] | None = None,
         faults: Faults | None = None,
+        deltas: DeltaPublisher | None = None,
     ) -> None:
         self.settings = settings
+        # Streaming requests' text goes out through this (worker/deltas.py); None: no streams.
+        self.deltas = deltas
         self.db = db
         self.faults = faults or Faults()
         self.engine = self.faults.wrap(engine)
@@ -483,6 +488,8 @@ class Runner:
         """Validate and render; rejected requests go straight to the writer."""
         self.metrics.claimed(claimed)
         ready, rejected = prepare(claimed, self.engine)
+        if self.deltas is not None:
+            mark_streams(claimed, ready, self.deltas)
         if ready:
             self._inbox.put(ready)
         if rejected:
@@ -539,6 +546,9 @@ class Runner:
         self._step_started = time.monotonic()
         outs = self.engine.step()
         self._step_started = None
+        if self.deltas is not None:
+            # Before _emit: a request's last pieces are queued ahead of its result.
+            self.deltas.put(self.engine.take_deltas())
         self._emit(outs)
 
     def _drain_inbox(self) -> bool:
@@ -626,11 +636,15 @@ class Runner:
             if batch:
                 finished = self._db(work.write_results, self.db, self.owner, batch)
                 self.metrics.written(batch)
+                if self.deltas is not None:
+                    self.deltas.finished(r.id for r in batch)  # committed: streams may end
                 self._done_with([r.id for r in batch], written=True)
                 self._announce(finished)
             for rel in releases:
                 max_attempts = self.settings.max_attempts
                 self._db(work.release, self.db, self.owner, rel.ids, max_attempts, charge=False)
+                if self.deltas is not None:
+                    self.deltas.forget(rel.ids)
                 self.metrics.released(rel.ids)
                 self._done_with(rel.ids, written=False)
 
@@ -693,4 +707,27 @@ def to_result(out: GenResult, finished_at: float) -> Result:
                       out.cached_tokens)  # fmt: skip
     return Result(out.id, "succeeded", text, out.finish_reason, None, None,
                   out.prompt_tokens, out.completion_tokens, finished_at,
-                  out.cached_tokens)  # fmt: skip
+                  out.cached_tokens, choices_json(out))  # fmt: skip
+
+
+def choices_json(out: GenResult) -> str | None:
+    """Every choice of an n > 1 or logprobs result, as sluice.render reads it; else None.
+
+    [{"text", "finish_reason", "completion_tokens",
+      "logprobs": [[token, logprob, [[alternative, logprob], ...]], ...] or null}, ...]
+    """
+    if out.choices is None:
+        return None
+    return orjson.dumps(
+        [
+            {
+                "text": c.text,
+                "finish_reason": c.finish_reason,
+                "completion_tokens": c.completion_tokens,
+                "logprobs": None
+                if c.logprobs is None
+                else [[t.token, t.logprob, t.top] for t in c.logprobs],
+            }
+            for c in out.choices
+        ]
+    ).decode()

@@ -13,13 +13,23 @@ finished since the last call.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from sluice.capabilities import capabilities
 from sluice.config import Settings
 from sluice.sampling import Sampling
 
-__all__ = ["Engine", "GenRequest", "GenResult", "Sampling", "Tokenizer"]
+__all__ = [
+    "Choice",
+    "Delta",
+    "Engine",
+    "GenRequest",
+    "GenResult",
+    "Sampling",
+    "TokenLogprob",
+    "Tokenizer",
+]
 
 
 @dataclass
@@ -33,6 +43,36 @@ class GenRequest:
     # Set by the worker (tokenized once, context checked); None only when a caller hands a
     # prompt straight to an engine, which then encodes it with its own tokenizer.
     prompt_token_ids: list[int] | None = None
+    # Streaming (online stream=true): the engine reports text as it is produced, through
+    # take_deltas(); every other request is returned only when it finishes.
+    stream: bool = False
+
+
+@dataclass
+class Delta:
+    """New text of a streaming request, in production order (its pieces join to the output)."""
+
+    id: int
+    text: str
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token: its text, its log probability, and the likeliest alternatives."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Choice:
+    """One of a request's n sequences (OpenAI's choices[i])."""
+
+    text: str
+    finish_reason: str = "stop"
+    completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # when the request asked for them
 
 
 @dataclass
@@ -46,6 +86,24 @@ class GenResult:
     completion_tokens: int = 0
     error: str | None = None
     cached_tokens: int = 0  # prompt tokens served from a prefix cache (vLLM reports them)
+    # Every sequence, when the request asked for n > 1 or logprobs (else None: the common
+    # case stays one string). text and finish_reason are then choices[0]'s, and
+    # completion_tokens the sum over choices, as OpenAI counts usage.
+    choices: list[Choice] | None = None
+
+
+def needs_choices(sampling: Sampling) -> bool:
+    """Whether a result must carry GenResult.choices (n > 1 or logprobs asked for)."""
+    return sampling.n > 1 or sampling.logprobs is not None
+
+
+def with_choices(result: GenResult, choices: list[Choice]) -> GenResult:
+    """The result holding these choices (text, finish_reason and token count from them)."""
+    result.choices = choices
+    result.text = choices[0].text
+    result.finish_reason = choices[0].finish_reason
+    result.completion_tokens = sum(c.completion_tokens for c in choices)
+    return result
 
 
 class Tokenizer(Protocol):
@@ -81,6 +139,11 @@ class Engine(ABC):
     @abstractmethod
     def __init__(self, settings: Settings) -> None:
         """Take what applies from settings and load the model; ConfigError on bad settings."""
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """Optional request fields this engine honours (sluice.capabilities, by name)."""
+        return capabilities(self.name)
 
     @property
     def slots(self) -> int:
@@ -122,6 +185,14 @@ class Engine(ABC):
     def busy_slots(self) -> int:
         """Sequences running right now (for the occupancy meter)."""
         return 0
+
+    def take_deltas(self) -> list[Delta]:
+        """Text that streaming requests produced since the last call, in order (after step()).
+
+        A request's deltas always come before step() returns it finished; joined, they are its
+        output text. Requests without `stream` produce none.
+        """
+        return []
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model (GPU memory, threads, child processes); never hangs."""

@@ -3,8 +3,29 @@
 from __future__ import annotations
 
 from sluice.config import Settings
-from worker.engines.base import GenRequest, GenResult
-from worker.engines.text import PlainTextEngine, WaitQueue, echo_output
+from worker.engines.base import (
+    Choice,
+    Delta,
+    GenRequest,
+    GenResult,
+    TokenLogprob,
+    needs_choices,
+    with_choices,
+)
+from worker.engines.text import (
+    PlainTextEngine,
+    WaitQueue,
+    echo_output,
+    sim_output,
+    stream_pieces,
+)
+
+
+def point_mass_logprobs(text: str, top: int) -> list[TokenLogprob]:
+    """Echo's logprobs: each word token had probability 1, so logprob 0.0 and no rival."""
+    words = text.split()
+    tokens = [w if i == 0 else f" {w}" for i, w in enumerate(words)]
+    return [TokenLogprob(t, 0.0, [(t, 0.0)][:top]) for t in tokens]
 
 
 class EchoEngine(PlainTextEngine):
@@ -17,6 +38,7 @@ class EchoEngine(PlainTextEngine):
         self._max_model_len = settings.max_model_len
         self._waiting: WaitQueue[GenRequest] = WaitQueue()
         self._done: list[GenResult] = []  # aborted or rejected, returned by the next step
+        self._deltas: list[Delta] = []
 
     def _prompt_tokens(self, request: GenRequest) -> int:
         return len(self.prompt_ids(request))
@@ -40,9 +62,25 @@ class EchoEngine(PlainTextEngine):
         """Finish everything queued, interactive first."""
         results, self._done = self._done, []
         while (request := self._waiting.pop()) is not None:
-            s = request.sampling
-            out, finish, completion = echo_output(request.prompt, s.max_tokens, s.stop)
-            results.append(
-                GenResult(request.id, out, finish, self._prompt_tokens(request), completion)
-            )
+            result = self._result(request)
+            if request.stream:
+                self._deltas += [Delta(request.id, piece) for piece in stream_pieces(result.text)]
+            results.append(result)
         return results
+
+    def _result(self, request: GenRequest) -> GenResult:
+        s = request.sampling
+        # ignore_eos: echo's "model" never ends, it keeps repeating the prompt (as sim does).
+        make = sim_output if s.ignore_eos else echo_output
+        out, finish, completion = make(request.prompt, s.max_tokens, s.stop)
+        result = GenResult(request.id, out, finish, self._prompt_tokens(request), completion)
+        if not needs_choices(s):
+            return result
+        logprobs = None if s.logprobs is None else point_mass_logprobs(out, s.logprobs)
+        # Every choice is the same: the only sequence this model can produce.
+        return with_choices(result, [Choice(out, finish, completion, logprobs)] * s.n)
+
+    def take_deltas(self) -> list[Delta]:
+        """Streaming requests' text, a word at a time, all produced by the last step."""
+        out, self._deltas = self._deltas, []
+        return out

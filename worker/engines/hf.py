@@ -10,7 +10,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sluice.config import Settings
 from sluice.errors import ConfigError
-from worker.engines.base import Engine, GenRequest, GenResult, Sampling
+from worker.engines.base import (
+    Choice,
+    Delta,
+    Engine,
+    GenRequest,
+    GenResult,
+    Sampling,
+    needs_choices,
+    with_choices,
+)
 from worker.engines.meter import OccupancyMeter
 from worker.engines.text import WaitQueue, apply_stop
 
@@ -90,6 +99,7 @@ class HFEngine(Engine):
         self._slots = settings.max_num_seqs
         self._waiting: WaitQueue[tuple[GenRequest, list[int]]] = WaitQueue()
         self._done: list[GenResult] = []  # aborted or rejected, returned by the next step
+        self._deltas: list[Delta] = []
         self.meter = OccupancyMeter(self._slots)
 
     def _eos_token_ids(self) -> list[int]:
@@ -156,6 +166,10 @@ class HFEngine(Engine):
         except Exception as exc:  # one failed batch must not take the worker down
             message = f"generation failed: {type(exc).__name__}: {exc}"
             results.extend(GenResult(r.id, "", "error", len(ids), 0, message) for r, ids in batch)
+        # generate() runs a batch to its end in one call: a streaming request's text arrives
+        # as one delta when it finishes (vLLM streams token by token).
+        streaming = {r.id for r, _ in batch if r.stream}
+        self._deltas += [Delta(r.id, r.text) for r in results if r.id in streaming and r.text]
         tokens = sum(r.completion_tokens for r in results)
         self.meter.record_step(start, time.monotonic(), len(batch), tokens)
         return results
@@ -182,7 +196,20 @@ class HFEngine(Engine):
         if sampling.ignore_eos:
             kwargs["min_new_tokens"] = sampling.max_tokens
         if sampling.temperature > 0:
-            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=None)
+            # top_k None (not transformers' default 50) when unset: every token, as vLLM.
+            kwargs.update(
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k or None,
+                min_p=sampling.min_p or None,
+            )
+        if sampling.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = sampling.repetition_penalty
+        # n sequences per prompt: sampled ones differ; greedy ones would be n copies of one
+        # (transformers refuses num_return_sequences without sampling), so copy it instead.
+        copies = sampling.n if sampling.temperature > 0 else 1
+        if copies > 1:
+            kwargs["num_return_sequences"] = copies
         if sampling.stop:
             # Ends a row early once it has produced a stop string (transformers also looks
             # across the prompt boundary, vLLM only in the output; apply_stop cuts the text).
@@ -192,15 +219,33 @@ class HFEngine(Engine):
         output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         new_tokens = output[:, width:].tolist()
         results = []
-        for (request, ids), row in zip(batch, new_tokens, strict=True):
-            end = next((i for i, t in enumerate(row) if t in self._eos_ids), None)
-            generated = row if end is None else row[:end]
-            decoded = self.hf_tokenizer.decode(generated, skip_special_tokens=True)
-            text, cut = apply_stop(str(decoded), sampling.stop)
-            hit_limit = end is None and len(row) >= sampling.max_tokens
-            finish = "stop" if cut or not hit_limit else "length"
-            results.append(GenResult(request.id, text, finish, len(ids), len(generated)))
+        # Rows come grouped by prompt: num_return_sequences rows for each.
+        for i, (request, ids) in enumerate(batch):
+            rows = new_tokens[i * copies : (i + 1) * copies]
+            choices = [self._choice(row, sampling) for row in rows] * (sampling.n // copies)
+            result = GenResult(request.id, prompt_tokens=len(ids))
+            if needs_choices(sampling):
+                results.append(with_choices(result, choices))
+            else:
+                first = choices[0]
+                result.text, result.finish_reason = first.text, first.finish_reason
+                result.completion_tokens = first.completion_tokens
+                results.append(result)
         return results
+
+    def _choice(self, row: list[int], sampling: Sampling) -> Choice:
+        end = next((i for i, t in enumerate(row) if t in self._eos_ids), None)
+        generated = row if end is None else row[:end]
+        decoded = self.hf_tokenizer.decode(generated, skip_special_tokens=True)
+        text, cut = apply_stop(str(decoded), sampling.stop)
+        hit_limit = end is None and len(row) >= sampling.max_tokens
+        finish = "stop" if cut or not hit_limit else "length"
+        return Choice(text, finish, len(generated))
+
+    def take_deltas(self) -> list[Delta]:
+        """Streaming requests finished by the last step, each as one delta."""
+        out, self._deltas = self._deltas, []
+        return out
 
     def close(self) -> None:
         """Free the model's memory."""

@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass
 
 from sluice.config import Settings
-from worker.engines.base import GenRequest, GenResult
+from worker.engines.base import Delta, GenRequest, GenResult
 from worker.engines.meter import OccupancyMeter
-from worker.engines.text import PlainTextEngine, WaitQueue, sim_output
+from worker.engines.text import PlainTextEngine, WaitQueue, sim_output, stream_pieces
 
 
 @dataclass
@@ -28,6 +28,7 @@ class _Seq:
     finish_reason: str
     target: int  # tokens to generate before the sequence finishes
     generated: int = 0
+    pieces: list[str] | None = None  # streaming: the text's words, sent one per step
 
 
 class SimEngine(PlainTextEngine):
@@ -44,6 +45,7 @@ class SimEngine(PlainTextEngine):
         self._waiting: WaitQueue[_Seq] = WaitQueue()
         self._running: dict[int, _Seq] = {}
         self._done: list[GenResult] = []  # aborted or rejected, returned by the next step
+        self._deltas: list[Delta] = []
         self.meter = OccupancyMeter(self._slots)
 
     def busy_slots(self) -> int:
@@ -57,6 +59,8 @@ class SimEngine(PlainTextEngine):
         prompt_tokens = len(self.prompt_ids(request))
         out, finish, target = sim_output(request.prompt, s.max_tokens, s.stop)
         seq = _Seq(request, prompt_tokens, out, finish, target)
+        if request.stream:
+            seq.pieces = stream_pieces(out)
         self._waiting.push(request.id, request.priority, seq)
 
     def abort(self, ids: list[int]) -> None:
@@ -94,8 +98,13 @@ class SimEngine(PlainTextEngine):
             time.sleep(remaining)
         for seq in self._running.values():
             seq.generated += 1
+            if seq.pieces is not None and seq.generated <= len(seq.pieces):
+                self._deltas.append(Delta(seq.request.id, seq.pieces[seq.generated - 1]))
         finished = [seq for seq in self._running.values() if seq.generated >= seq.target]
         for seq in finished:
+            if seq.pieces is not None and seq.generated < len(seq.pieces):
+                # A stop string may leave more words than tokens counted: send the rest now.
+                self._deltas.append(Delta(seq.request.id, "".join(seq.pieces[seq.generated :])))
             del self._running[seq.request.id]
             results.append(
                 GenResult(
@@ -104,3 +113,8 @@ class SimEngine(PlainTextEngine):
             )
         self.meter.record_step(start, time.monotonic(), running, running)
         return results
+
+    def take_deltas(self) -> list[Delta]:
+        """Streaming requests' words from the last step (one per running sequence per step)."""
+        out, self._deltas = self._deltas, []
+        return out

@@ -71,6 +71,12 @@ def sim_output(prompt: str, max_tokens: int, stop: Sequence[str] = ()) -> tuple[
     return text, "length", max_tokens
 
 
+def stream_pieces(text: str) -> list[str]:
+    """A text cut into word-sized pieces that join back to exactly the text (streaming)."""
+    words = text.split(" ")
+    return [words[0], *(" " + w for w in words[1:])] if text else []
+
+
 class WaitQueue(Generic[T]):
     """Waiting requests in admission order: lower priority value first, then FIFO."""
 

@@ -25,7 +25,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 
 from sluice.config import Settings
 from sluice.errors import ConfigError
-from worker.engines.base import Engine, GenRequest, GenResult, Sampling
+from worker.engines.base import Delta, Engine, GenRequest, GenResult, Sampling
 
 if TYPE_CHECKING:
     from vllm.entrypoints.chat_utils import ChatCompletionMessageParam
@@ -175,6 +175,10 @@ class VLLMEngine(Engine):
         self._slots = settings.max_num_seqs
         self._live: dict[str, tuple[int, int]] = {}  # vLLM request id -> (our id, prompt tokens)
         self._done: list[GenResult] = []  # aborted or rejected, returned by the next step
+        # Streaming requests (vLLM id -> text pieces so far, tokens so far): they run with
+        # DELTA outputs, so their final output holds only its last piece.
+        self._streams: dict[str, tuple[list[str], list[int]]] = {}
+        self._deltas: list[Delta] = []
         self._closed = False
         self._stop_watch = threading.Event()
         threading.Thread(
@@ -207,6 +211,9 @@ class VLLMEngine(Engine):
         request_id = str(request.id)
         try:
             params = sampling_params(request.sampling)
+            if request.stream:
+                # Only streaming requests pay for an output per step; bulk stays FINAL_ONLY.
+                params.output_kind = RequestOutputKind.DELTA
             self._engine.add_request(
                 request_id,
                 tokens_input(ids, prompt=request.prompt),
@@ -217,6 +224,8 @@ class VLLMEngine(Engine):
             self._done.append(GenResult(request.id, "", "error", len(ids), 0, str(exc)))
             return
         self._live[request_id] = (request.id, len(ids))
+        if request.stream:
+            self._streams[request_id] = ([], [0])
 
     def abort(self, ids: list[int]) -> None:
         """Abort in vLLM; each comes back from the next step with finish_reason 'abort'."""
@@ -226,6 +235,7 @@ class VLLMEngine(Engine):
         # The ids are the ones given to add_request (vLLM maps them to its internal ids).
         self._engine.abort_request(found)
         for request_id in found:
+            self._streams.pop(request_id, None)
             our_id, prompt_tokens = self._live.pop(request_id)
             self._done.append(GenResult(our_id, "", "abort", prompt_tokens))
 
@@ -240,14 +250,39 @@ class VLLMEngine(Engine):
         if not self._live:
             return results
         for output in self._engine.step():
-            if not isinstance(output, RequestOutput) or not output.finished:
+            if not isinstance(output, RequestOutput):
+                continue
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                self._stream_piece(output, *stream)
+            if not output.finished:
                 continue
             found = self._live.pop(output.request_id, None)
             if found is None:  # aborted after vLLM produced it
                 continue
             our_id, prompt_tokens = found
-            results.append(self._result(our_id, prompt_tokens, output))
+            result = self._result(our_id, prompt_tokens, output)
+            if stream is not None:
+                del self._streams[output.request_id]
+                result.text, result.completion_tokens = "".join(stream[0]), stream[1][0]
+            results.append(result)
         return results
+
+    def _stream_piece(self, output: RequestOutput, pieces: list[str], tokens: list[int]) -> None:
+        """A DELTA output: its new text becomes a Delta and joins the request's text."""
+        found = self._live.get(output.request_id)
+        if found is None or not output.outputs:
+            return
+        new = output.outputs[0]
+        tokens[0] += len(new.token_ids)
+        if new.text:
+            pieces.append(new.text)
+            self._deltas.append(Delta(found[0], new.text))
+
+    def take_deltas(self) -> list[Delta]:
+        """Streaming requests' new text from the last step (vLLM's delta outputs)."""
+        out, self._deltas = self._deltas, []
+        return out
 
     @staticmethod
     def _result(our_id: int, prompt_tokens: int, output: RequestOutput) -> GenResult:
