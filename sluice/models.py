@@ -221,9 +221,73 @@ class ApiKey(Base):
     bytes_limit: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
+class WebhookDelivery(Base):
+    """One event for one webhook URL: its signed body, its retries, where it stands."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        # The sender's claim: pending rows by due time.
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    )
+
+    # The event id: the payload's `id` and the `webhook-id` header of every attempt.
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    batch_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("batches.id", ondelete="CASCADE"), index=True
+    )
+    owner: Mapped[str] = mapped_column(String(64))
+    event_type: Mapped[str] = mapped_column(String(32))
+    url: Mapped[str] = mapped_column(String(2048))
+    # The JSON body, fixed when the event happens (every retry sends the same bytes).
+    payload: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float)
+    # The sender holding it during an attempt (two senders never send one event at once).
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class WebhookAttempt(Base):
+    """One HTTP attempt of a delivery: the delivery log."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True
+    )
+    attempt: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[float] = mapped_column(Float)
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # succeeded | retrying | failed | disabled
+    outcome: Mapped[str] = mapped_column(String(16))
+
+
+class WebhookEndpoint(Base):
+    """A webhook URL that answered 410 Gone: nothing is sent to it any more."""
+
+    __tablename__ = "webhook_endpoints"
+
+    # SHA-256 of the URL: an index entry of bounded size whatever the URL.
+    url_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    disabled_at: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+
+
 # Core tables for bulk SQL (the ORM classes above are the schema, for Alembic and typing).
 files = cast(Table, File.__table__)
 file_lines = cast(Table, FileLine.__table__)
 batches = cast(Table, Batch.__table__)
 requests = cast(Table, Request.__table__)
+webhook_deliveries = cast(Table, WebhookDelivery.__table__)
+webhook_attempts = cast(Table, WebhookAttempt.__table__)
+webhook_endpoints = cast(Table, WebhookEndpoint.__table__)
 api_keys = cast(Table, ApiKey.__table__)

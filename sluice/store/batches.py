@@ -39,6 +39,7 @@ from sluice.models import (
     files,
     requests,
 )
+from sluice.store import deliveries
 from sluice.store.lifecycle import Outcome, account, finalize, tally
 
 WINDOWS = {"1h": 3600, "24h": 86400, "7d": 7 * 86400}
@@ -282,6 +283,8 @@ def create_batch(
             )
         )
         if errs:
+            if webhook_url:
+                deliveries.enqueue(conn, batch_id, "batch", B_FAILED, owner, webhook_url)
             return Created(batch_id, status, model, BULK, [])
         fl = file_lines.c
         conn.execute(

@@ -22,6 +22,7 @@ from sluice.models import (
     batches,
     files,
 )
+from sluice.store import deliveries
 
 # Output and error files live as long as OpenAI keeps them: 30 days.
 OUTPUT_TTL = 30 * 86400
@@ -111,6 +112,7 @@ def finalize(conn: Connection, batch_id: str, status: str) -> None:
             batches.c.dropped,
             batches.c.total,
             batches.c.kind,
+            batches.c.webhook_url,
         ).where(batches.c.id == batch_id)
     ).one()
     now = unix()
@@ -128,6 +130,9 @@ def finalize(conn: Connection, batch_id: str, status: str) -> None:
         if b.failed or b.dropped or unfinished_expired:
             values["error_file_id"] = _result_file(conn, batch_id, b.owner, "batch_error", now)
     conn.execute(update(batches).where(batches.c.id == batch_id).values(**values))
+    if b.webhook_url:
+        # Same transaction as the end status: the event exists exactly when the end does.
+        deliveries.enqueue(conn, batch_id, b.kind, status, b.owner, b.webhook_url)
 
 
 def _result_file(conn: Connection, batch_id: str, owner: str, purpose: str, now: int) -> str:

@@ -17,6 +17,7 @@ class Call:
     path: str
     headers: dict[str, str]
     body: bytes
+    at: float  # time.monotonic() on arrival
 
 
 @dataclass
@@ -59,7 +60,8 @@ def receiver(
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length)
-            calls.append(Call(self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            calls.append(Call(self.path, headers, body, time.monotonic()))
             answer = rec.script(len(calls))
             if answer.delay:
                 # Waits for the delay or the end of the test, whichever comes first.
