@@ -1,7 +1,7 @@
 """Add webhook_deliveries, webhook_attempts (the delivery log) and webhook_endpoints.
 
 Revision ID: 7d2e9a4c1b63
-Revises: 9b3d5f0e2c47
+Revises: c41a7e9d2b58
 Create Date: 2026-12-15 02:00:00
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "7d2e9a4c1b63"
-down_revision: str | Sequence[str] | None = "9b3d5f0e2c47"
+down_revision: str | Sequence[str] | None = "c41a7e9d2b58"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
