@@ -193,6 +193,8 @@ class Request(Base):
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     # Prompt tokens the engine's prefix cache served (vLLM's num_cached_tokens).
     cached_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # n > 1 or logprobs: every choice (text, finish_reason, logprobs) as JSON; None otherwise.
+    choices_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     queued_at: Mapped[float] = mapped_column(Float)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -287,7 +289,7 @@ files = cast(Table, File.__table__)
 file_lines = cast(Table, FileLine.__table__)
 batches = cast(Table, Batch.__table__)
 requests = cast(Table, Request.__table__)
+api_keys = cast(Table, ApiKey.__table__)
 webhook_deliveries = cast(Table, WebhookDelivery.__table__)
 webhook_attempts = cast(Table, WebhookAttempt.__table__)
 webhook_endpoints = cast(Table, WebhookEndpoint.__table__)
-api_keys = cast(Table, ApiKey.__table__)

@@ -204,7 +204,11 @@ def response_body(req: Row, choice: dict[str, Any]) -> dict[str, Any]:
         "tools": [],
         "usage": {
             "input_tokens": prompt,
-            "input_tokens_details": {"cached_tokens": int(req["cached_tokens"] or 0)},
+            # cache_write_tokens: OpenAI bills cache writes; nothing here does.
+            "input_tokens_details": {
+                "cached_tokens": int(req["cached_tokens"] or 0),
+                "cache_write_tokens": 0,
+            },
             "output_tokens": completion,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": prompt + completion,

@@ -29,6 +29,7 @@ RESULT_COLUMNS = (
     requests.c.prompt_tokens,
     requests.c.completion_tokens,
     requests.c.cached_tokens,
+    requests.c.choices_json,
     requests.c.queued_at,
     requests.c.started_at,
     requests.c.finished_at,

@@ -70,6 +70,8 @@ class Result:
     completion_tokens: int = 0
     finished_at: float = 0.0
     cached_tokens: int = 0  # prompt tokens the engine's prefix cache served
+    # n > 1 or logprobs: every choice as JSON (sluice.render reads it); None otherwise.
+    choices_json: str | None = None
 
 
 def _among(db: Database, column: Any, values: Sequence[int]) -> Any:
@@ -218,11 +220,12 @@ UPDATE requests AS r SET
   status = v.status, output_text = v.output_text, finish_reason = v.finish_reason,
   error_code = v.error_code, error_message = v.error_message,
   prompt_tokens = v.prompt_tokens, completion_tokens = v.completion_tokens,
-  cached_tokens = v.cached_tokens, finished_at = v.finished_at, lease_expires_at = NULL
+  cached_tokens = v.cached_tokens, finished_at = v.finished_at, lease_expires_at = NULL,
+  choices_json = v.choices_json
 FROM json_to_recordset(CAST(:rows AS json)) AS v(
   id bigint, status text, output_text text, finish_reason text, error_code text,
   error_message text, prompt_tokens int, completion_tokens int, cached_tokens int,
-  finished_at float8)
+  finished_at float8, choices_json text)
 WHERE r.id = v.id AND r.lease_owner = :owner AND r.status = 'running'
 RETURNING r.id, r.batch_id
 """)
@@ -237,6 +240,7 @@ _FIELDS = (
     "completion_tokens",
     "cached_tokens",
     "finished_at",
+    "choices_json",
 )
 
 

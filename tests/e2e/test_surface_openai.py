@@ -1,0 +1,84 @@
+"""n, logprobs and /v1/responses through a real stack (echo), read with openai's own types."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openai.types import Completion
+from openai.types.chat import ChatCompletion
+from openai.types.responses import Response
+
+from tests.e2e.conftest import Running, start_stack
+
+MODEL = "sluice-echo"
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture(scope="module")
+def sluice(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    for running in start_stack(backend, Path(tmp_path_factory.mktemp(f"surface-{backend}"))):
+        running.http.headers.update(running.stack.auth_headers)  # the local admin key
+        yield running
+
+
+def line(custom_id: str, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": {"model": MODEL, **body}}
+
+
+def outputs(sluice: Running, lines: list[dict[str, Any]], endpoint: str) -> dict[str, Any]:
+    batch = sluice.run_file(lines, endpoint)
+    assert batch["status"] == "completed", batch
+    assert batch["request_counts"]["failed"] == 0, sluice.lines(batch["error_file_id"])
+    return {x["custom_id"]: x["response"]["body"] for x in sluice.lines(batch["output_file_id"])}
+
+
+def test_chat_n_and_logprobs(sluice: Running) -> None:
+    msgs = [{"role": "user", "content": "alpha beta gamma"}]
+    out = outputs(sluice, [
+        line("n2", CHAT, {"messages": msgs, "n": 2, "max_completion_tokens": 2}),
+        line("lp", CHAT, {"messages": msgs, "logprobs": True, "top_logprobs": 1,
+                          "max_tokens": 50}),
+        line("plain", CHAT, {"messages": msgs, "max_tokens": 50}),
+    ], CHAT)  # fmt: skip
+    n2 = ChatCompletion.model_validate(out["n2"])
+    assert [c.index for c in n2.choices] == [0, 1]
+    assert n2.choices[0].message.content == n2.choices[1].message.content == "<|user|> alpha"
+    assert n2.usage is not None and n2.usage.completion_tokens == 4  # 2 choices x 2 tokens
+    lp = ChatCompletion.model_validate(out["lp"])
+    assert lp.choices[0].logprobs is not None and lp.choices[0].logprobs.content is not None
+    content = lp.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == lp.choices[0].message.content
+    assert all(t.logprob == 0.0 and [a.token for a in t.top_logprobs] == [t.token]
+               for t in content)  # fmt: skip
+    assert ChatCompletion.model_validate(out["plain"]).choices[0].logprobs is None
+
+
+def test_completions_logprobs_shape(sluice: Running) -> None:
+    url = "/v1/completions"
+    out = outputs(sluice, [line("c", url, {"prompt": "x y z", "logprobs": 1, "n": 2})], url)
+    done = Completion.model_validate(out["c"])
+    assert len(done.choices) == 2
+    logprobs = done.choices[1].logprobs
+    assert logprobs is not None and logprobs.tokens == ["x", " y", " z"]
+    assert logprobs.text_offset == [0, 1, 3] and logprobs.token_logprobs == [0.0, 0.0, 0.0]
+    assert logprobs.top_logprobs == [{"x": 0.0}, {" y": 0.0}, {" z": 0.0}]
+
+
+def test_responses_endpoint_in_a_batch_file(sluice: Running) -> None:
+    url = "/v1/responses"
+    out = outputs(sluice, [
+        line("s", url, {"input": "red green blue", "instructions": "be brief"}),
+        line("cut", url, {"input": [{"role": "user", "content": [
+            {"type": "input_text", "text": "red green blue"}]}], "max_output_tokens": 2}),
+    ], url)  # fmt: skip
+    done = Response.model_validate(out["s"])
+    assert done.status == "completed"
+    assert done.output_text == "<|system|> be brief <|user|> red green blue <|assistant|>"
+    assert done.usage is not None and done.usage.output_tokens > 0
+    cut = Response.model_validate(out["cut"])
+    assert cut.status == "incomplete" and cut.incomplete_details is not None
+    assert cut.incomplete_details.reason == "max_output_tokens"
+    assert cut.output_text == "<|user|> red"
