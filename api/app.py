@@ -15,7 +15,7 @@ from api.deps import AppState
 from api.errors import install as install_errors
 from api.guard import install as install_guard
 from api.listener import DoneListener
-from api.routes import batches, files, health, jobs, online, status
+from api.routes import batches, deliveries, files, health, jobs, online, status
 from sluice.config import Settings, get_settings
 from sluice.db import get_database
 from sluice.queue import make_celery
@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(files.router)
     app.include_router(batches.router)
+    app.include_router(deliveries.router)
     app.include_router(online.router)
     app.include_router(status.router)
     app.include_router(metrics.router)

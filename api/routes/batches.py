@@ -13,6 +13,7 @@ from api.deps import ID_PATTERN, CeleryDep, Cursor, DbDep, OwnerDep, RedisDep, R
 from api.docs import COMMON, ERRORS, SUBMIT_ERRORS
 from api.errors import ApiError
 from api.publish import publish_cancel, publish_created
+from api.routes.deliveries import WEBHOOK_URL_DOC, check_webhook_url
 from api.streams import primed
 from sluice.aliases import aliases
 from sluice.db import Database
@@ -44,6 +45,8 @@ class BatchIn(BaseModel):
     endpoint: str = Field(max_length=64)
     completion_window: str = Field("24h", max_length=16)
     metadata: dict[str, str] | None = None
+    # Sluice extension (OpenAI has no such field): where batch.* events go.
+    webhook_url: str | None = Field(None, max_length=2048, description=WEBHOOK_URL_DOC)
 
 
 def _check_metadata(metadata: dict[str, str] | None) -> None:
@@ -101,6 +104,7 @@ async def create(
         )  # fmt: skip
     window_seconds(batch.completion_window, settings.max_completion_window)
     _check_metadata(batch.metadata)
+    webhook_url = check_webhook_url(batch.webhook_url, settings)
     await state.gauge.admit()
 
     def run() -> Any:
@@ -111,6 +115,7 @@ async def create(
             endpoint=batch.endpoint,
             completion_window=batch.completion_window,
             metadata=batch.metadata,
+            webhook_url=webhook_url,
             accepted_models=settings.accepted_models,
             aliases=aliases(settings),
             max_requests=settings.max_file_lines,

@@ -9,13 +9,14 @@ from typing import Any
 import anyio
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import CeleryDep, DbDep, OwnerDep, RedisDep, ResourceId, StateDep
 from api.docs import ERRORS, SUBMIT_ERRORS
 from api.errors import ApiError
 from api.listener import DoneListener
 from api.publish import publish_cancel, publish_created
+from api.routes.deliveries import WEBHOOK_URL_DOC, check_webhook_url
 from sluice.aliases import known_models, resolve_model
 from sluice.config import Settings
 from sluice.db import Database
@@ -65,6 +66,8 @@ class JobIn(BaseModel):
     # Refused by the checker with a message naming them (no tool-call parser here).
     tools: Any = None
     tool_choice: Any = None
+    # Sluice: where to send job.completed / job.failed (api/routes/deliveries.py).
+    webhook_url: str | None = Field(None, max_length=2048, description=WEBHOOK_URL_DOC)
 
 
 def _dotted(param: str | None) -> str | None:
@@ -74,7 +77,7 @@ def _dotted(param: str | None) -> str | None:
 
 def _check(job: JobIn, settings: Settings) -> tuple[str, dict[str, Any]]:
     """The endpoint and the body to store, or InvalidInput/ApiError naming the field."""
-    return check_body(job.model_dump(exclude_none=True), settings)
+    return check_body(job.model_dump(exclude_none=True, exclude={"webhook_url"}), settings)
 
 
 def check_body(body: dict[str, Any], settings: Settings) -> tuple[str, dict[str, Any]]:
@@ -172,9 +175,17 @@ async def submit_job(
     """Queue one prompt; 202 with the job and a Location to poll."""
     settings = state.settings
     endpoint, body = _check(job, settings)
+    webhook_url = check_webhook_url(job.webhook_url, settings)
     await state.gauge.admit()
     created = await anyio.to_thread.run_sync(
-        lambda: create_job(db, owner=owner, endpoint=endpoint, model=body["model"], body=body)
+        lambda: create_job(
+            db,
+            owner=owner,
+            endpoint=endpoint,
+            model=body["model"],
+            body=body,
+            webhook_url=webhook_url,
+        )
     )
     state.gauge.added(len(created.request_ids))
     await publish_created(celery, settings, created)
