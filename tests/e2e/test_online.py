@@ -39,14 +39,17 @@ def chat_text(n: int) -> str:
 
 @pytest.fixture(scope="module")
 def sluice(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    """A stack on the sim engine, with an alias."""
-    yield from start_stack(backend, Path(tmp_path_factory.mktemp(f"online-{backend}")), **ENV)
+    """A stack on the sim engine, with an alias; its HTTP client sends the local admin key."""
+    for running in start_stack(backend, Path(tmp_path_factory.mktemp(f"online-{backend}")), **ENV):
+        running.http.headers.update(getattr(running.stack, "auth_headers", {}))
+        yield running
 
 
 @pytest.fixture(scope="module")
 def client(sluice: Running) -> OpenAI:
     """The official client, pointed at Sluice by base_url only."""
-    return OpenAI(base_url=f"{sluice.stack.url}/v1", api_key="sk-local", max_retries=0)
+    key = getattr(sluice.stack, "api_key", None) or "sk-local"
+    return OpenAI(base_url=f"{sluice.stack.url}/v1", api_key=key, max_retries=0)
 
 
 def test_chat_completion(client: OpenAI) -> None:
@@ -162,7 +165,7 @@ def test_a_client_that_disconnects_frees_its_engine_slot(sluice: Running) -> Non
     # 3,000 tokens at 10 ms a step: 30 s unless the request is aborted.
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 3000, "stream": True}
     with (
-        httpx.Client(base_url=sluice.stack.url, timeout=30) as http,
+        httpx.Client(base_url=sluice.stack.url, timeout=30, headers=sluice.http.headers) as http,
         http.stream("POST", "/v1/chat/completions", json=body) as response,
     ):
         job_id = response.headers["Sluice-Job-Id"]
@@ -181,3 +184,13 @@ def test_a_client_that_disconnects_frees_its_engine_slot(sluice: Running) -> Non
     job = sluice.http.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "cancelled", job
     assert (job["usage"] or {}).get("completion_tokens", 0) < 3000
+
+
+def test_a_finished_job_carries_its_openai_body(sluice: Running) -> None:
+    submitted = sluice.http.post("/v1/jobs", json={"messages": MESSAGES, "max_tokens": 4})
+    assert submitted.status_code == 202, submitted.text
+    assert submitted.json()["response"] is None  # not finished yet
+    job = sluice.http.get(f"/v1/jobs/{submitted.json()['id']}?wait=30").json()
+    assert job["status"] == "succeeded"
+    completion = ChatCompletion.model_validate(job["response"])
+    assert completion.choices[0].message.content == chat_text(4) == job["output"]
