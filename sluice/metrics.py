@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import importlib
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
@@ -154,6 +154,16 @@ def exposition(multiproc_dir: Path | None, *extra: Collector) -> bytes:
     return generate_latest(Chain([process_collector(multiproc_dir), *extra]))
 
 
+# What GpuCollector reports per GPU (labels gpu, name), where NVML can read it.
+GPU_METRICS = {
+    "sluice_gpu_utilization_ratio": "GPU busy fraction.",
+    "sluice_gpu_memory_used_bytes": "GPU memory used.",
+    "sluice_gpu_memory_total_bytes": "GPU memory.",
+    "sluice_gpu_temperature_celsius": "GPU temperature.",
+    "sluice_gpu_power_watts": "GPU power draw.",
+}
+
+
 class GpuCollector:
     """GPU utilisation, memory, temperature and power through NVML; nothing without one.
 
@@ -188,31 +198,22 @@ class GpuCollector:
         if not self._handles:
             return
         nvml = self._nvml
-        labels = ["gpu", "name"]
-        util = GaugeMetricFamily(
-            "sluice_gpu_utilization_ratio", "GPU busy fraction.", labels=labels
-        )
-        used = GaugeMetricFamily("sluice_gpu_memory_used_bytes", "GPU memory used.", labels=labels)
-        total = GaugeMetricFamily("sluice_gpu_memory_total_bytes", "GPU memory.", labels=labels)
-        temp = GaugeMetricFamily(
-            "sluice_gpu_temperature_celsius", "GPU temperature.", labels=labels
-        )
-        power = GaugeMetricFamily("sluice_gpu_power_watts", "GPU power draw.", labels=labels)
-        for index, name, handle in self._handles:
-            key = [index, name]
-            readings = (
-                (util, lambda h: nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100.0),
-                (used, lambda h: float(nvml.nvmlDeviceGetMemoryInfo(h).used)),
-                (total, lambda h: float(nvml.nvmlDeviceGetMemoryInfo(h).total)),
-                (
-                    temp,
-                    lambda h: float(nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU)),
-                ),
-                (power, lambda h: nvml.nvmlDeviceGetPowerUsage(h) / 1000.0),  # milliwatts
-            )
-            for family, read in readings:
+        reads: dict[str, Callable[[Any], float]] = {
+            "sluice_gpu_utilization_ratio": lambda h: (
+                nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100
+            ),
+            "sluice_gpu_memory_used_bytes": lambda h: float(nvml.nvmlDeviceGetMemoryInfo(h).used),
+            "sluice_gpu_memory_total_bytes": lambda h: float(nvml.nvmlDeviceGetMemoryInfo(h).total),
+            "sluice_gpu_temperature_celsius": lambda h: float(
+                nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU)
+            ),
+            "sluice_gpu_power_watts": lambda h: nvml.nvmlDeviceGetPowerUsage(h) / 1000,  # mW
+        }
+        for name, read in reads.items():
+            family = GaugeMetricFamily(name, GPU_METRICS[name], labels=["gpu", "name"])
+            for index, gpu_name, handle in self._handles:
                 try:
-                    family.add_metric(key, read(handle))
-                except Exception:  # e.g. NVML_ERROR_NOT_SUPPORTED for power on some boards
+                    family.add_metric([index, gpu_name], float(read(handle)))
+                except Exception:  # e.g. NVML_ERROR_NOT_SUPPORTED: power on some boards
                     continue
-        yield from (util, used, total, temp, power)
+            yield family

@@ -124,6 +124,17 @@ class RunnerGauges(Protocol):
         ...
 
 
+# The gauges a worker computes at scrape time, with their help text.
+WORKER_GAUGES = {
+    "sluice_engine_slots": "Sequences the engine runs at once.",
+    "sluice_engine_busy_slots": "Sequences running now.",
+    "sluice_engine_occupancy_ratio": "Busy slot-seconds over slot-seconds since it started.",
+    "sluice_runner_inflight": "Requests claimed and not yet written.",
+    "sluice_runner_inflight_target": "Requests the runner keeps claimed.",
+    "sluice_writer_backlog": "Result groups waiting for the writer's commit.",
+}
+
+
 class WorkerCollector:
     """Engine and runner gauges, read when Prometheus scrapes."""
 
@@ -134,37 +145,20 @@ class WorkerCollector:
 
     def collect(self) -> Iterator[Metric]:
         """Slots, busy slots, occupancy, in-flight requests and the writer's backlog."""
-        names = ["worker", "model", "engine"]
         meter = getattr(self.engine, "meter", None)
-        values: list[tuple[str, str, float]] = [
-            ("sluice_engine_slots", "Sequences the engine runs at once.", self.engine.slots),
-            ("sluice_engine_busy_slots", "Sequences running now.", self.engine.busy_slots()),
-            (
-                "sluice_runner_inflight",
-                "Requests claimed and not yet written.",
-                len(self.runner.inflight_ids()),
-            ),
-            (
-                "sluice_runner_inflight_target",
-                "Requests the runner keeps claimed.",
-                self.runner.target,
-            ),
-            (
-                "sluice_writer_backlog",
-                "Result groups waiting for the writer's commit.",
-                self.runner.writer_backlog(),
-            ),
-        ]
-        if isinstance(meter, OccupancyMeter):
-            values.append(
-                (
-                    "sluice_engine_occupancy_ratio",
-                    "Busy slot-seconds over slot-seconds since the engine started.",
-                    meter.occupancy(),
-                )
+        values: dict[str, float] = {
+            "sluice_engine_slots": self.engine.slots,
+            "sluice_engine_busy_slots": self.engine.busy_slots(),
+            "sluice_runner_inflight": len(self.runner.inflight_ids()),
+            "sluice_runner_inflight_target": self.runner.target,
+            "sluice_writer_backlog": self.runner.writer_backlog(),
+        }
+        if isinstance(meter, OccupancyMeter):  # engines without a meter: no occupancy
+            values["sluice_engine_occupancy_ratio"] = meter.occupancy()
+        for name, value in values.items():
+            family = GaugeMetricFamily(
+                name, WORKER_GAUGES[name], labels=["worker", "model", "engine"]
             )
-        for name, doc, value in values:
-            family = GaugeMetricFamily(name, doc, labels=names)
             family.add_metric(self.labels, float(value))
             yield family
 

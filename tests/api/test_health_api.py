@@ -16,11 +16,29 @@ DEAD_REDIS = "redis://127.0.0.1:1/0"
 DEAD_DATABASE = "postgresql://nobody@127.0.0.1:1/none"
 
 
-def test_healthz_and_readyz(api: Api) -> None:
+def test_healthz_and_readyz_without_a_worker(api: Api) -> None:
+    # Liveness says nothing about dependencies; readiness needs a worker for the model
+    # (tests/test_status.py shows it turn ready with a real worker process, and back).
     assert api.http.get("/healthz").json() == {"status": "ok"}
     ready = api.http.get("/readyz")
-    assert ready.status_code == 200
-    assert ready.json()["checks"] == {"database": "ok", "redis": "ok"}
+    assert ready.status_code == 503
+    body = ready.json()
+    assert body["down"] == ["workers"]
+    assert body["checks"]["database"] == "ok" and body["checks"]["redis"] == "ok"
+    assert api.model in body["checks"]["workers"]
+    assert f"no live worker serves {api.model!r}" in body["error"]["message"]
+    assert body["error"]["code"] == "service_unavailable"
+    assert int(ready.headers["retry-after"]) > 0
+
+
+def test_readyz_without_the_worker_requirement(
+    start_api: Callable[..., AbstractContextManager[Api]],
+) -> None:
+    # SLUICE_READY_REQUIRES_WORKER=false: workers scaled to zero keep the API in rotation.
+    with start_api(ready_requires_worker=False) as alone:
+        ready = alone.http.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"] == {"database": "ok", "redis": "ok"}
 
 
 def test_models_lists_the_accepted_models(api: Api) -> None:
@@ -59,6 +77,8 @@ def test_redis_down_readyz_503_but_submissions_are_kept(
         body = ready.json()
         assert body["down"] == ["redis"]
         assert body["checks"]["database"] == "ok"
+        # Workers are known only through Redis: not counted down a second time.
+        assert body["checks"]["workers"] == "unknown (redis is down)"
         assert "redis" in body["error"]["message"]
 
         # The row is committed before publishing: the job exists and the reconciler will
@@ -78,7 +98,7 @@ def test_database_down_readyz_503(start_api: Callable[..., AbstractContextManage
     with start_api(database_url=DEAD_DATABASE) as broken:
         ready = broken.http.get("/readyz")
         assert ready.status_code == 503
-        assert ready.json()["down"] == ["database"]
+        assert ready.json()["down"] == ["database", "workers"]
         assert ready.json()["checks"]["redis"] == "ok"
 
 
@@ -87,7 +107,7 @@ def test_without_a_redis_url_the_api_starts_the_embedded_one(
 ) -> None:
     started: list[Settings] = []
     try:
-        with start_api(redis_url=None) as embedded:
+        with start_api(redis_url=None, ready_requires_worker=False) as embedded:
             started.append(embedded.settings)
             assert embedded.http.get("/readyz").status_code == 200
             assert embedded.http.post("/v1/jobs", json={"prompt": "hi"}).status_code == 202
