@@ -90,6 +90,14 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return code
 
 
+def cmd_webhooks(_args: argparse.Namespace, settings: Settings) -> int:
+    """Deliver webhook events until SIGTERM (`sluice up` runs one; more may run anywhere)."""
+    from sluice.webhooks.sender import run_sender
+
+    _stop_on_signals()
+    return run_sender(settings)
+
+
 def cmd_db_upgrade(_args: argparse.Namespace, settings: Settings) -> int:
     """Apply migrations up to the newest."""
     from sluice.migrate import upgrade
@@ -307,6 +315,9 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
         s.add_argument("--host", default=host)
         s.add_argument("--port", type=int, default=port)
         s.set_defaults(fn=fn)
+    sub.add_parser("webhooks", help="deliver webhook events (signed, retried)").set_defaults(
+        fn=cmd_webhooks
+    )
     s = sub.add_parser("worker", help="run a worker (one engine, one GPU)")
     s.add_argument("--loglevel", default="INFO")
     s.set_defaults(fn=cmd_worker)

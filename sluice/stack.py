@@ -171,6 +171,8 @@ class Stack:
         upgrade(self.settings.resolved_database_url)
         self.spawn("api", "--host", self.host, "--port", str(self.port))
         self.spawn("worker")
+        # Webhook delivery in a process of its own: a slow receiver never touches an engine.
+        self.spawn("webhooks")
         self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
