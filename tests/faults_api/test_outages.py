@@ -43,10 +43,20 @@ def cluster() -> Iterator[PgCluster]:
 @contextmanager
 def api_on(tmp: Path, **overrides: Any) -> Iterator[httpx.Client]:
     """The API in a thread with these settings; yields a keep-alive client."""
+    # Auth off: these tests take the database away, and key checks would need it (they are
+    # tested in tests/api/test_auth.py). State changes still need an Authorization header.
     settings = load_settings(
-        data_dir=tmp, engine="echo", model="outage-test", max_wait_seconds=30.0, **overrides
+        data_dir=tmp,
+        engine="echo",
+        model="outage-test",
+        max_wait_seconds=30.0,
+        auth="off",
+        # No worker runs here: readiness is about the database and Redis alone.
+        ready_requires_worker=False,
+        **overrides,
     )
-    with serve(settings) as url, httpx.Client(base_url=url, timeout=30) as http:
+    headers = {"Authorization": "Bearer outage-test"}
+    with serve(settings) as url, httpx.Client(base_url=url, timeout=30, headers=headers) as http:
         yield http
 
 
