@@ -152,11 +152,16 @@ class Sender:
         body = due.payload.encode()
         signed = headers(self.keys, due.id, int(time.time()), body)
         try:
-            response = self.client.post(
+            # Streamed and never read: a receiver's body (maybe huge) is not our business.
+            with self.client.stream(
+                "POST",
                 due.url,
                 content=body,
                 headers={**signed, "content-type": "application/json", "user-agent": "Sluice"},
-            )
+            ) as response:
+                code = response.status_code
+                location = response.headers.get("location", "")[:200]
+                wait = retry_after(response)
         except BlockedAddress as exc:
             # Where the URL leads is not allowed; retrying would not change the rule.
             return done(Outcome.FAILED, None, f"blocked: {exc}")
@@ -164,16 +169,14 @@ class Sender:
             return done(Outcome.RETRYING, None, f"timed out ({type(exc).__name__})")
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             return done(Outcome.RETRYING, None, f"{type(exc).__name__}: {exc}"[:MAX_ERROR_TEXT])
-        code = response.status_code
         if 200 <= code < 300:
             return done(Outcome.SUCCEEDED, code, None)
         if code == 410:
             return done(Outcome.DISABLED, code, "410 Gone: endpoint disabled")
         if 300 <= code < 400:
-            where = response.headers.get("location", "")[:200]
-            return done(Outcome.RETRYING, code, f"redirect to {where!r} not followed")
+            return done(Outcome.RETRYING, code, f"redirect to {location!r} not followed")
         if code == 429:
-            return done(Outcome.RETRYING, code, "429 Too Many Requests", retry_after(response))
+            return done(Outcome.RETRYING, code, "429 Too Many Requests", wait)
         return done(Outcome.RETRYING, code, f"HTTP {code}")
 
     def _next(self, due: Due, at_least: float | None) -> float | None:

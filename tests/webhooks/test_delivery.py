@@ -19,8 +19,8 @@ from sluice.db import Database
 from sluice.ids import now
 from sluice.store import work
 from sluice.store.batches import create_job
-from sluice.store.deliveries import deliveries_of
-from sluice.webhooks.sender import Sender
+from sluice.store.deliveries import claim, deliveries_of
+from sluice.webhooks.sender import Sender, backoff
 from tests.webhooks.receivers import Answer, receiver
 
 SECRET = "whsec_" + base64.b64encode(b"s" * 32).decode()
@@ -121,7 +121,6 @@ def test_500_three_times_then_delivered_with_the_same_webhook_id(
         calls = rec.wait_calls(4)
         wait_until(lambda: log(db, job)[0]["status"] == "succeeded")
     assert len({c.headers["webhook-id"] for c in calls}) == 1
-    # Backoff grows: the gaps between tries are not all equal to the poll.
     delivery, attempts = log(db, job)
     assert [a["status_code"] for a in attempts] == [500, 500, 500, 200]
     assert [a["outcome"] for a in attempts] == ["retrying"] * 3 + ["succeeded"]
@@ -191,3 +190,27 @@ def test_two_senders_send_each_event_once(db: Database, database_url: str, tmp_p
         ids = [c.headers["webhook-id"] for c in rec.calls]
     assert len(ids) == len(set(ids)) == 30
     assert {json.loads(c.body)["data"]["id"] for c in rec.calls} == set(jobs)
+
+
+def test_a_dead_senders_lease_runs_out_and_another_delivers(
+    db: Database, database_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(database_url, tmp_path)
+    with receiver() as rec:
+        job = finished_job(db, rec.url)
+        # A sender claims it and dies before sending: nobody else may take it meanwhile.
+        [held] = claim(db, "dead", 10, lease_seconds=1.0)
+        assert claim(db, "other", 10, lease_seconds=1.0) == []
+        with sending(settings, db, "alive"):
+            [call] = rec.wait_calls(1)
+            wait_until(lambda: log(db, job)[0]["status"] == "succeeded")
+    assert call.headers["webhook-id"] == held.id
+    assert log(db, job)[1][0]["attempt"] == 1
+
+
+def test_backoff_grows_exponentially_with_jitter() -> None:
+    for attempt in range(1, 12):
+        ceiling = min(3600.0, 5.0 * 2 ** (attempt - 1))
+        samples = {backoff(attempt, 5.0, 3600.0) for _ in range(50)}
+        assert all(ceiling / 2 <= s <= ceiling for s in samples)
+        assert len(samples) > 40  # jittered, not one fixed delay
