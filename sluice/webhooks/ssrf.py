@@ -9,6 +9,7 @@ rebinding) is therefore never dialled at its second answer.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str, int], list[str]]
 
 MAX_URL = 2048
+# Host names as resolvers take them (IDNA already applied by httpx), or IP literals.
+HOST_RE = re.compile(r"[A-Za-z0-9._:-]+")
 SCHEMES = ("http", "https")
 # Shared address space (RFC 6598, carrier-grade NAT): not global, and named here because
 # older Pythons' is_global rules differ; NAT64's well-known prefix embeds an IPv4 address.
@@ -110,15 +113,20 @@ def check_url(url: str, allowlist: Sequence[Network]) -> str | None:
         return f"is longer than {MAX_URL} characters"
     try:
         parsed = httpx.URL(url)
-    except (httpx.InvalidURL, ValueError) as exc:
+    except Exception as exc:  # httpx.InvalidURL, idna's errors, ...: all one answer
         return f"is not a valid URL ({exc})"
     if parsed.scheme not in SCHEMES:
         return "must be an http:// or https:// URL"
-    if not parsed.host:
+    host = parsed.raw_host.decode("ascii", "replace")  # IDNA-encoded: never raises
+    if not host:
         return "has no host"
+    if not HOST_RE.fullmatch(host.strip("[]")):
+        return f"has an invalid host {host!r}"
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        return f"has an invalid port {parsed.port}"
     if parsed.userinfo:
         return "must not carry credentials"
-    ip = literal_ip(parsed.host)
+    ip = literal_ip(host)
     if ip is not None and (why := allowed(ip, allowlist)):
         return f"points at a non-public address: {why}"
     return None
@@ -167,11 +175,12 @@ class SafeTransport(httpx.BaseTransport):
         if url.scheme not in SCHEMES:
             raise BlockedAddress(f"{url.scheme}:// is not allowed (http and https only)")
         port = url.port or (443 if url.scheme == "https" else 80)
-        ip = resolve_checked(url.host, port, self.allowlist, self.resolver)
+        host = url.raw_host.decode("ascii", "replace")  # IDNA-encoded, as resolvers take it
+        ip = resolve_checked(host, port, self.allowlist, self.resolver)
         extensions = dict(request.extensions)
-        if url.scheme == "https" and literal_ip(url.host) is None:
+        if url.scheme == "https" and literal_ip(host) is None:
             # The certificate is checked against the name, not the address dialled.
-            extensions["sni_hostname"] = url.host
+            extensions["sni_hostname"] = host
         # The Host header was set from the original URL and travels unchanged.
         pinned = httpx.Request(
             request.method,
