@@ -6,7 +6,7 @@ SSE endpoint, 32 tokens each, back to back) at 1, 16 and 64 at once measure time
 token (TTFT: request sent to the first content piece) and end-to-end latency ([DONE]):
 
 1. idle: the online clients alone;
-2. bulk alone: a 20,000-request file (16 tokens each) on the same engine, no online load;
+2. bulk alone: a 20,000-request file (8-48 tokens each) on the same engine, no online load;
 3. bulk + online: the same file again while the client levels cycle (1, 16, 64, 1, ...)
    until it completes; only requests that ended while the file still ran count.
 
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,7 +35,10 @@ from feed import MODEL, OUT, SLOTS, bulk_file, prompts, sim_stack
 
 LEVELS = (1, 16, 64)
 ONLINE_TOKENS = 32
-BULK_TOKENS = 16
+# Bulk output lengths 8..48 tokens (uniform, seeded; mean 28): mixed lengths end at different
+# steps, so slots free every step. (With one fixed length the file runs in waves: all 64 slots
+# free at once every 16 steps, and an online request waits for the next wave, ~150 ms here.)
+BULK_TOKENS = (8, 48)
 MESSAGES = [{"role": "user", "content": "what does a sluice do in a canal"}]
 HEADERS: dict[str, str] = {}
 
@@ -175,7 +180,8 @@ def report(
     n = args.requests
     lines = [
         f"Online streaming chat ({ONLINE_TOKENS} tokens) beside a {n:,}-request bulk file "
-        f"({BULK_TOKENS} tokens each); sim engine, {SLOTS} slots, 5 ms decode step, SQLite.",
+        f"({BULK_TOKENS[0]}-{BULK_TOKENS[1]} tokens each); sim engine, {SLOTS} slots, 5 ms "
+        "decode step, SQLite.",
         "",
         "clients | TTFT p50 idle | TTFT p50 bulk | ratio | TTFT p99 idle | TTFT p99 bulk "
         "| e2e p50 idle | e2e p50 bulk | ratio | n idle/bulk | errors",
@@ -200,6 +206,8 @@ def report(
         f"bulk with online: {with_s:7.1f} s  {rate_with:8.0f} requests/s  "
         f"({rate_with / rate_alone:.2f} of alone; target >= 0.90)",
         f"worst p50 TTFT ratio during bulk: {worst:.2f}x (target <= 1.5x)",
+        f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
+        "(other processes on the host skew every number above)",
     ]
     return "\n".join(lines)
 
@@ -213,7 +221,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.requests, args.seconds = 2_000, 2.0
-    data = bulk_file([BULK_TOKENS] * args.requests, prompts(args.requests))
+    rng = random.Random(5)
+    lengths = [rng.randint(*BULK_TOKENS) for _ in range(args.requests)]
+    data = bulk_file(lengths, prompts(args.requests))
     with sim_stack({}) as sim:
         url = sim.stack.url
         # The stack's local admin key (every client here sends it).
