@@ -267,3 +267,39 @@ def test_meter_window_opens_at_first_add() -> None:
     meter.mark_add(now=5.0)  # a later add does not move the start
     meter.record_step(1.0, 2.0, busy=1, tokens=1)
     assert meter.occupancy() == pytest.approx(0.5)  # waited 1 s for the first step
+
+
+# -- streaming ------------------------------------------------------------------------
+
+
+def _stream_run(
+    engine: Engine, *requests: GenRequest
+) -> tuple[dict[int, list[tuple[int, str]]], dict[int, GenResult]]:
+    """Step to the end; each request's (step, piece) deltas and its result."""
+    for request in requests:
+        engine.add(request)
+    pieces: dict[int, list[tuple[int, str]]] = {r.id: [] for r in requests}
+    results: dict[int, GenResult] = {}
+    step = 0
+    while engine.has_unfinished():
+        step += 1
+        finished = engine.step()
+        for d in engine.take_deltas():
+            assert d.id not in results, "a piece after its request finished"
+            pieces[d.id].append((step, d.text))
+        results.update((r.id, r) for r in finished)
+    return pieces, results
+
+
+@pytest.mark.parametrize("kind", ["echo", "sim"])
+def test_streaming_pieces_join_to_the_output_and_only_for_streaming_requests(kind: str) -> None:
+    engine = EchoEngine(settings()) if kind == "echo" else SimEngine(settings())
+    streamed = req(1, max_tokens=7, stop=["six"])
+    streamed.stream = True
+    pieces, results = _stream_run(engine, streamed, req(2, max_tokens=7))
+    assert "".join(p for _, p in pieces[1]) == results[1].text == "one two three four five "
+    assert pieces[2] == []
+    if kind == "sim":
+        # One word per step, as a decode step makes one token per sequence (the stop's
+        # trailing space goes with the last).
+        assert [s for s, _ in pieces[1]] == [1, 2, 3, 4, 5, 5]

@@ -158,3 +158,14 @@ def test_abort_of_a_waiting_request(engine: HFEngine) -> None:
     assert results[2].finish_reason == "abort"
     assert results[1].finish_reason in ("stop", "length")
     assert not engine.has_unfinished()
+
+
+def test_a_streaming_request_gets_its_text_as_one_delta(engine: HFEngine) -> None:
+    ids = engine.tokenizer.encode("hello world")
+    streamed = GenRequest(1, "hello world", greedy(6), prompt_token_ids=ids, stream=True)
+    plain = GenRequest(2, "hello world", greedy(6), prompt_token_ids=ids)
+    results = {r.id: r for r in run(engine, streamed, plain)}
+    deltas = engine.take_deltas()
+    # generate() runs to the end in one call: the whole text comes as one piece.
+    assert [(d.id, d.text) for d in deltas] == [(1, results[1].text)]
+    assert results[1].text == results[2].text
