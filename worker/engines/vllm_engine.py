@@ -106,6 +106,9 @@ def sampling_params(s: Sampling) -> SamplingParams:
         ignore_eos=s.ignore_eos,
         # FINAL_ONLY: step() then skips building a RequestOutput per running request.
         output_kind=RequestOutputKind.FINAL_ONLY,
+        # Each request gets its own params object, so vLLM may take it as is: its default
+        # deep copy per request was 5% of the worker's CPU in the plumbing benchmark.
+        skip_clone=True,
     )
 
 
