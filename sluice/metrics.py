@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import importlib
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from enum import StrEnum
 from pathlib import Path
@@ -27,6 +28,7 @@ from prometheus_client import (
     Counter,
     Histogram,
     generate_latest,
+    start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -152,6 +154,34 @@ def process_collector(multiproc_dir: Path | None) -> Collector:
 def exposition(multiproc_dir: Path | None, *extra: Collector) -> bytes:
     """The text exposition of the process metrics plus scrape-time collectors."""
     return generate_latest(Chain([process_collector(multiproc_dir), *extra]))
+
+
+class MetricsServer:
+    """prometheus_client's HTTP server for a process's /metrics."""
+
+    def __init__(self, server: Any, thread: threading.Thread) -> None:
+        self.server = server
+        self.thread = thread
+        self.port: int = server.server_address[1]
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def serve(
+    port: int, host: str, multiproc_dir: Path | None, collectors: Sequence[Collector] = ()
+) -> MetricsServer:
+    """Serve this process's metrics plus `collectors` at http://host:port/metrics (0: any port).
+
+    For processes without an HTTP server of their own: a worker, a webhook sender.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Chain([process_collector(multiproc_dir), *collectors]))
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsServer(server, thread)
 
 
 # What GpuCollector reports per GPU (labels gpu, name), where NVML can read it.

@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from sluice.config import Settings
@@ -28,9 +28,9 @@ from sluice.metrics import (
     REQUESTS_COMPLETED,
     TOKENS_GENERATED,
     WRITER_LAG,
-    Chain,
+    MetricsServer,
     observe_many,
-    process_collector,
+    serve,
 )
 from sluice.store.work import Claimed, Result
 from worker.engines.base import Engine
@@ -63,15 +63,16 @@ class RunnerMetrics:
         if not claimed:
             return
         now = time.time()
-        waits: dict[int, list[float]] = {}
-        for c in claimed:
-            if c.queued_at:
-                waits.setdefault(c.priority, []).append(max(0.0, now - c.queued_at))
         with self._lock:
-            for c in claimed:
-                self._claimed_at[c.id] = now
-        for priority, values in waits.items():
-            observe_many(self._waits.get(priority) or self._waits[1], values)
+            self._claimed_at.update(dict.fromkeys([c.id for c in claimed], now))
+        for priority in {c.priority for c in claimed}:
+            # queued_at comes from the API host's clock: a skewed one must not go negative.
+            waits = [
+                max(0.0, now - c.queued_at)
+                for c in claimed
+                if c.priority == priority and c.queued_at
+            ]
+            observe_many(self._waits.get(priority) or self._waits[1], waits)
 
     def written(self, results: Sequence[Result]) -> None:
         """One committed batch: statuses, tokens, engine times and the writer's lag."""
@@ -79,29 +80,26 @@ class RunnerMetrics:
             return
         now = time.time()
         with self._lock:
-            started = [self._claimed_at.pop(r.id, 0.0) for r in results]
-        by_status: dict[str, int] = {}
-        prompt = cached = generated = 0
-        engine: list[float] = []
-        oldest = now
-        for r, start in zip(results, started, strict=True):
-            by_status[r.status] = by_status.get(r.status, 0) + 1
-            prompt += r.prompt_tokens
-            cached += r.cached_tokens
-            generated += r.completion_tokens
-            if r.finished_at:
-                oldest = min(oldest, r.finished_at)
-                if start:
-                    engine.append(max(0.0, r.finished_at - start))
-        for status, n in by_status.items():
+            pop = self._claimed_at.pop
+            started = [pop(r.id, 0.0) for r in results]
+        statuses = Counter(r.status for r in results)
+        for status, n in statuses.items():
             counter = self._status.get(status) or REQUESTS_COMPLETED.labels(self.model, status)
             counter.inc(n)
-        self._prompt.inc(prompt)
-        self._cached.inc(cached)
+        generated = sum(r.completion_tokens for r in results)
+        self._prompt.inc(sum(r.prompt_tokens for r in results))
+        self._cached.inc(sum(r.cached_tokens for r in results))
         self._generated.inc(generated)
         self.tokens_generated += generated
+        finished = [r.finished_at for r in results if r.finished_at]
+        engine = [
+            max(0.0, r.finished_at - start)
+            for r, start in zip(results, started, strict=True)
+            if start and r.finished_at
+        ]
         observe_many(self._engine_time, engine)
-        self._lag.observe(max(0.0, now - oldest))
+        if finished:
+            self._lag.observe(max(0.0, now - min(finished)))
 
     def released(self, ids: Sequence[int]) -> None:
         """Rows given back to the queue unwritten: forget their claim times."""
@@ -163,30 +161,15 @@ class WorkerCollector:
             yield family
 
 
-class MetricsServer:
-    """prometheus_client's HTTP server for this worker's /metrics."""
-
-    def __init__(self, server: Any, thread: threading.Thread) -> None:
-        self.server = server
-        self.thread = thread
-        self.port: int = server.server_address[1]
-
-    def stop(self) -> None:
-        """Stop serving."""
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
-
-
 def serve_metrics(settings: Settings, collectors: Sequence[Any]) -> MetricsServer | None:
     """Start /metrics on SLUICE_WORKER_METRICS_PORT (None when the setting is unset)."""
     if settings.worker_metrics_port is None:
         return None
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(Chain([process_collector(settings.prometheus_multiproc_dir), *collectors]))
-    server, thread = start_http_server(
-        settings.worker_metrics_port, addr=settings.worker_metrics_host, registry=registry
+    served = serve(
+        settings.worker_metrics_port,
+        settings.worker_metrics_host,
+        settings.prometheus_multiproc_dir,
+        collectors,
     )
-    served = MetricsServer(server, thread)
     log.info("worker metrics at http://%s:%d/metrics", settings.worker_metrics_host, served.port)
     return served
