@@ -7,13 +7,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from api import metrics
+from api.auth import authenticate
 from api.backpressure import QueueGauge
 from api.deps import AppState
+from api.docs import AUTH_ERRORS
 from api.errors import install as install_errors
 from api.guard import install as install_guard
+from api.hygiene import install as install_hygiene
 from api.listener import DoneListener
 from api.routes import batches, deliveries, files, health, jobs, online, status
 from sluice.config import Settings, get_settings
@@ -69,9 +72,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Self-hosted batch inference with an OpenAI-Batch-compatible API",
         version="0.1.0",
         lifespan=lifespan,
+        # Every route needs a live API key (api/auth.py), routes added later included.
+        dependencies=[Depends(authenticate)],
+        responses=AUTH_ERRORS,
+        # /docs is served by api.hygiene from local files; ReDoc would load from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     install_errors(app)
     install_guard(app, settings)
+    # Outermost: a foreign Host or a credential-less state change is refused first.
+    install_hygiene(app, settings)
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(files.router)

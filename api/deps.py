@@ -6,15 +6,15 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from celery import Celery
-from fastapi import Depends, Header, Path, Query, Request
+from fastapi import Depends, Path, Query, Request
 from redis.asyncio import Redis
 
+from api.auth import Caller, get_owner, get_scope, require_admin
 from api.backpressure import QueueGauge
 from api.listener import DoneListener
 from sluice.config import Settings
 from sluice.db import Database
 
-DEFAULT_OWNER = "default"
 # Every id Sluice makes matches this, and the id columns hold 64 characters: anything else
 # (a NUL, which PostgreSQL text cannot hold, a 10 kB string) is refused before any query.
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
@@ -59,20 +59,17 @@ def get_redis(request: Request) -> Redis:
     return get_state(request).redis
 
 
-def get_owner(authorization: Annotated[str | None, Header()] = None) -> str:
-    """The caller's owner id; API keys are not checked yet, so it is always "default"."""
-    # Any `Authorization: Bearer ...` header (or none) is accepted, so OpenAI clients, which
-    # always send a key, work unchanged. Every file, batch and job belongs to "default".
-    del authorization
-    return DEFAULT_OWNER
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 DbDep = Annotated[Database, Depends(get_db)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
 StateDep = Annotated[AppState, Depends(get_state)]
+# The caller's owner (what it creates belongs to it) and the owner its reads are limited
+# to (None for admin keys): api/auth.py.
 OwnerDep = Annotated[str, Depends(get_owner)]
+ScopeDep = Annotated[str | None, Depends(get_scope)]
+# Routes over every owner's data (e.g. /v1/admin/*): 403 for a key without --admin.
+AdminDep = Annotated[Caller, Depends(require_admin)]
 
 # Path and query parameters that name rows: bounded and checked where they enter.
 ResourceId = Annotated[

@@ -38,6 +38,16 @@ COMMON: dict[int | str, dict[str, Any]] = {
     413: _doc("The request body is over its configured size"),
     503: _doc("The database or Redis is unavailable", retry_after=True),
 }
+# Every route but the probes (api/auth.py): the app documents these on all of them.
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: _doc("No API key, or a wrong, revoked or expired one"),
+    429: _doc("Over a limit of the key (requests per minute, queued, stored)", retry_after=True),
+}
+# Routes over every owner's data.
+ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    **COMMON,
+    403: _doc("The key is not an admin key"),
+}
 # Routes about one resource (an id in the path).
 ERRORS: dict[int | str, dict[str, Any]] = {
     **COMMON,

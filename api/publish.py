@@ -26,7 +26,13 @@ async def publish_created(celery: Celery, settings: Settings, created: Created) 
     try:
         # kombu's producer blocks on the socket: keep it off the event loop.
         await anyio.to_thread.run_sync(
-            publish, celery, settings, created.model, created.priority, created.request_ids
+            publish,
+            celery,
+            settings,
+            created.model,
+            created.priority,
+            created.request_ids,
+            created.batch_id,
         )
     except Exception as exc:
         log.warning(

@@ -255,7 +255,7 @@ def measure_sluice(
         pids = dict(zip(stack.names, (p.pid for p in stack.procs), strict=True))
         with (
             profiled(pids, prof, be.name),
-            httpx.Client(base_url=stack.url, timeout=600) as client,
+            httpx.Client(base_url=stack.url, timeout=600, headers=stack.auth_headers) as client,
         ):
             cpu = CpuMeter(pids, be.database_url)
             f = upload(client, path)

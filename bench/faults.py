@@ -128,7 +128,7 @@ def run(n: int, data: bytes, kills: bool, backend: str, pg_url: str, env: dict[s
     """One run on a fresh stack; with `kills`, SIGKILL the worker at each KILL_AT fraction."""
     with (
         supervised_stack(backend, pg_url, env) as stack,
-        httpx.Client(base_url=stack.url, timeout=60) as http,
+        httpx.Client(base_url=stack.url, timeout=60, headers=stack.auth_headers) as http,
     ):
         db = Database(stack.settings.resolved_database_url)
         worker = stack.children[stack.names.index("worker")]

@@ -233,6 +233,7 @@ class Sim:
         """Start API + worker, and more workers; return once every worker takes messages."""
         self.stack.start()
         self.http.base_url = httpx.URL(self.stack.url)
+        self.http.headers.update(self.stack.auth_headers)
         self._app = make_celery(self.settings, self.stack.redis.url)
         for _ in range(1, workers):
             self.add_worker()
@@ -593,7 +594,9 @@ def single_jobs_run(lengths: Sequence[int], clients: int) -> SingleRun:
         t0 = time.perf_counter()
 
         def post(part: Sequence[dict[str, Any]]) -> None:
-            with httpx.Client(base_url=sim.stack.url, timeout=120) as http:
+            with httpx.Client(
+                base_url=sim.stack.url, timeout=120, headers=sim.stack.auth_headers
+            ) as http:
                 for body in part:
                     http.post("/v1/jobs", json=body).raise_for_status()
 

@@ -99,11 +99,15 @@ async def client(http: httpx.AsyncClient, n: int, tally: Tally, stop_at: float) 
                 tally.errors[f"job {job['status']}"] += 1
 
 
-async def load(url: str, clients: int, seconds: float, drain: float) -> tuple[Tally, float]:
+async def load(
+    url: str, clients: int, seconds: float, drain: float, headers: dict[str, str] | None = None
+) -> tuple[Tally, float]:
     """Run the clients; returns the tally and the seconds from first submit to last end."""
     tally = Tally()
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=TIMEOUT) as http:
+    async with httpx.AsyncClient(
+        base_url=url, limits=limits, timeout=TIMEOUT, headers=headers
+    ) as http:
         start = time.monotonic()
         tasks = [
             asyncio.create_task(client(http, n, tally, start + seconds)) for n in range(clients)
@@ -213,7 +217,9 @@ def main() -> int:
     print(f"starting the stack ({backend}) ...", flush=True)
     with stack_on(backend, args.postgres or "") as stack:
         print(f"{args.clients} clients for {args.seconds:.0f} s ...", flush=True)
-        tally, took = asyncio.run(load(stack.url, args.clients, args.seconds, args.drain))
+        tally, took = asyncio.run(
+            load(stack.url, args.clients, args.seconds, args.drain, stack.auth_headers)
+        )
         counts = db_counts(stack)
         dead = [c.name for c in stack.children if c.proc.poll() is not None]
     text = report(backend, args.clients, args.seconds, tally, took, counts)

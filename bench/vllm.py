@@ -405,7 +405,7 @@ def run_sluice(
         profiles: dict[str, Path] = {}
         try:
             stack.start(timeout=300)
-            with httpx.Client(base_url=stack.url, timeout=120) as http:
+            with httpx.Client(base_url=stack.url, timeout=120, headers=stack.auth_headers) as http:
                 gc._warm_up(http, stack, MODEL_NAME, "Warm up: one short job.", 900)
             me = psutil.Process()
             meter = CpuMeter(
@@ -421,7 +421,7 @@ def run_sluice(
                 if profile
                 else None
             )
-            client = Client(stack.url)
+            client = Client(stack.url, stack.api_key)
             meter.start()
             start = time.perf_counter()
             up = client.upload(batch)

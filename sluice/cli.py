@@ -8,10 +8,8 @@ import json
 import logging
 import signal
 import sys
-import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from sluice.config import Settings, get_settings
 from sluice.errors import SluiceError
@@ -30,8 +28,12 @@ def _stop_on_signals() -> None:
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     """API + worker + embedded Redis + SQLite in one command."""
+    from sluice.firstrun import problem, serving_line
     from sluice.stack import Stack, data_dir_lock, port_in_use
 
+    if (why := problem(settings)) is not None:
+        print(f"sluice up: {why}", file=sys.stderr)
+        return 1
     if port_in_use(args.host, args.port):
         print(f"sluice up: {args.host}:{args.port} is already in use (another Sluice?); "
               "choose another with --port", file=sys.stderr)  # fmt: skip
@@ -41,7 +43,13 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             print(f"sluice up: {settings.data_dir} is in use by another sluice up (pid "
                   f"{holder}); stop it or set SLUICE_DATA_DIR", file=sys.stderr)  # fmt: skip
             return 1
-        stack = Stack(settings, args.host, args.port)
+        flower_port = _flower_port(settings)
+        if flower_port is not None:
+            from sluice.flower import credentials, describe
+
+            # Made here, before Flower starts, so this process knows to print a new login.
+            flower_auth = credentials(settings)
+        stack = Stack(settings, args.host, args.port, flower_port=flower_port)
         _stop_on_signals()
         try:
             stack.start()
@@ -50,6 +58,11 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
                 f"{settings.served_model}); Ctrl-C stops it.",
                 flush=True,
             )
+            if (hint := serving_line(settings)) is not None:
+                print(hint, flush=True)
+            print(_auth_line(settings), flush=True)
+            if flower_port is not None:
+                print(describe(settings, flower_auth, flower_port), flush=True)
             stack.supervise()
             return 0
         except KeyboardInterrupt:
@@ -60,6 +73,51 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
                 stack.stop()
             except KeyboardInterrupt:
                 stack.kill()
+
+
+def _auth_line(settings: Settings) -> str:
+    """What `sluice up` says about API keys."""
+    from sluice.local_key import key_path
+
+    where = key_path(settings).resolve()
+    if settings.auth == "off":
+        return (
+            f"API keys are OFF (SLUICE_AUTH=off): anyone who can reach {settings.host} may "
+            "read and delete every file and batch; use this only on a trusted machine"
+        )
+    return (
+        f"API keys are on: the local admin key is in {where} (mode 0600; the sluice CLI "
+        "reads it, other clients send it as `Authorization: Bearer`)"
+    )
+
+
+def _flower_port(settings: Settings) -> int | None:
+    """The port `sluice up` starts Flower on (0: any free one), None when it starts none."""
+    from sluice.stack import free_port, port_in_use
+
+    if not settings.flower:
+        return None
+    if settings.flower_port == 0:
+        return free_port(settings.flower_host)
+    if port_in_use(settings.flower_host, settings.flower_port):
+        print(f"sluice up: Flower not started: {settings.flower_host}:{settings.flower_port} is "
+              "in use; set SLUICE_FLOWER_PORT (0: any free port)", file=sys.stderr)  # fmt: skip
+        return None
+    return settings.flower_port
+
+
+def cmd_flower(_args: argparse.Namespace, settings: Settings) -> int:
+    """Flower on this Sluice's Redis (the embedded one too), loopback and behind a login."""
+    import os
+
+    from sluice.flower import credentials, describe, flower_command
+    from sluice.redis_server import ensure_redis
+
+    url = ensure_redis(settings, detach=True).url
+    argv, env = flower_command(settings, url)
+    print(describe(settings, credentials(settings)), file=sys.stderr, flush=True)
+    # Replaced, not wrapped: signals reach Flower itself, and a supervisor sees its exit.
+    os.execve(argv[0], argv, env)
 
 
 def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
@@ -82,8 +140,12 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """Run one GPU worker (one engine) until SIGTERM."""
+    from sluice.firstrun import problem
     from sluice.redis_server import ensure_redis
 
+    if (why := problem(settings)) is not None:
+        print(f"sluice worker: {why}", file=sys.stderr)
+        return 2
     url = ensure_redis(settings, detach=True).url
     main = importlib.import_module("worker.main")
     code: int = main.run_worker(settings, url, loglevel=args.loglevel)
@@ -116,31 +178,20 @@ def cmd_model_tiny(args: argparse.Namespace, _settings: Settings) -> int:
     return 0
 
 
-def _progress(client: Any, batch_id: str, total: int) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    with tqdm(total=total, unit="req", desc=batch_id[:18], file=sys.stderr) as bar:
-        while True:
-            batch: dict[str, Any] = client.batch(batch_id)
-            counts = batch["request_counts"]
-            bar.update(counts["completed"] + counts["failed"] - bar.n)
-            if batch["status"] in TERMINAL:
-                return batch
-            time.sleep(0.5)
-
-
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    """Submit a JSONL file, show progress, write the results; exit 0 if all succeeded."""
-    from sluice.client import Client, to_batch_lines
+    """Submit a JSONL file (or --resume a run), show progress, write the results in input
+    order; exit 0 only if every request succeeded (3: the server went away)."""
+    from sluice.client import Client
+    from sluice.local_key import client_key
+    from sluice.run import run
     from sluice.stack import Stack, free_port
 
-    src, out = Path(args.file), Path(args.output)
-    if not src.is_file():
-        print(f"sluice run: {src} does not exist", file=sys.stderr)
+    if not args.resume and (not args.file or not Path(args.file).is_file()):
+        print(f"sluice run: {args.file or 'a FILE (or --resume BATCH_ID)'} does not exist"
+              if args.file else "sluice run: give a FILE, or --resume BATCH_ID",
+              file=sys.stderr)  # fmt: skip
         return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    converted = settings.data_dir / f"run-{src.stem}.batch.jsonl"
-    endpoint, count = to_batch_lines(src, converted, settings.served_model)
     stack = None
     url = args.url or settings.public_url
     _stop_on_signals()
@@ -154,27 +205,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
             )
             stack.start()
             url = stack.url
-        client = Client(url)
-        uploaded = client.upload(converted)
-        batch = client.create_batch(uploaded["id"], endpoint, args.completion_window)
-        if batch["status"] == "failed":
-            for err in batch["errors"]["data"]:
-                print(f"line {err.get('line')}: {err['message']}", file=sys.stderr)
-            return 1
-        batch = _progress(client, batch["id"], count)
-        with out.open("wb") as fh:
-            for fid in (batch.get("output_file_id"), batch.get("error_file_id")):
-                if fid:
-                    for chunk in client.stream(f"/v1/files/{fid}/content"):
-                        fh.write(chunk)
-        counts = batch["request_counts"]
-        print(
-            f"{batch['status']}: {counts['completed']} succeeded, {counts['failed']} failed "
-            f"of {counts['total']}; results in {out}",
-            file=sys.stderr,
-        )
-        ok = batch["status"] == "completed" and counts["completed"] == counts["total"]
-        return 0 if ok else 1
+        client = Client(url, client_key(settings))
+        return run(client, settings, args, url if args.url else "", sys.stderr)
     except KeyboardInterrupt:
         return 130
     finally:
@@ -185,9 +217,10 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_batches(args: argparse.Namespace, settings: Settings) -> int:
     """List, inspect, cancel a batch or stream its results."""
     from sluice.client import Client
+    from sluice.local_key import client_key
 
     url = args.url or settings.public_url or f"http://{settings.host}:{settings.port}"
-    client = Client(url)
+    client = Client(url, client_key(settings))
     if args.action == "list":
         for b in client.batches(args.limit):
             c = b["request_counts"]
@@ -215,6 +248,7 @@ DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     """Print the deployment's status (through the API, so it works remotely)."""
     from sluice.client import Client
+    from sluice.local_key import client_key
     from sluice.status import show
 
     url = args.url or settings.public_url or f"http://{settings.host}:{settings.port}"
@@ -225,7 +259,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     import httpx
 
     try:
-        show(Client(url), sys.stdout, args.json, args.watch, args.batches)
+        show(Client(url, client_key(settings)), sys.stdout, args.json, args.watch, args.batches)
     except KeyboardInterrupt:
         return 0 if args.watch is not None else 130
     except httpx.HTTPError as exc:
@@ -242,6 +276,16 @@ def _duration(text: str) -> int:
     if not number.isdigit() or int(number) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 3600, 90m, 24h, 30d")
     return int(number) * unit
+
+
+def _key_webhook(url: str | None, settings: Settings) -> str | None:
+    """A key's default webhook URL, checked as a submitted one is (InvalidInput if bad)."""
+    from sluice.errors import InvalidInput
+    from sluice.webhooks.ssrf import check_url
+
+    if url is not None and (why := check_url(url, settings.webhook_networks)):
+        raise InvalidInput(f"--webhook-url {why}", param="webhook_url")
+    return url
 
 
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
@@ -264,6 +308,7 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
                 rpm_limit=args.rpm,
                 queued_limit=args.max_queued,
                 bytes_limit=args.max_bytes,
+                webhook_url=_key_webhook(args.webhook_url, settings),
             )
             print(f"created {info.id} for owner {info.owner}" + (" (admin)" if info.admin else ""),
                   file=sys.stderr)  # fmt: skip
@@ -289,6 +334,7 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
                 + ("  admin" if row["admin"] else "")
                 + f"  {row['name']}"
                 + (f"  [{limits}]" if limits else "")
+                + (f"  webhook {row['webhook_url']}" if row["webhook_url"] else "")
             )
         return 0
     except DBAPIError as exc:
@@ -315,6 +361,9 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
         s.add_argument("--host", default=host)
         s.add_argument("--port", type=int, default=port)
         s.set_defaults(fn=fn)
+    sub.add_parser(
+        "flower", help="Flower on this Sluice's Redis (SLUICE_FLOWER_HOST/PORT/BASIC_AUTH)"
+    ).set_defaults(fn=cmd_flower)
     sub.add_parser("webhooks", help="deliver webhook events (signed, retried)").set_defaults(
         fn=cmd_webhooks
     )
@@ -330,8 +379,10 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     t.add_argument("dir")
     t.set_defaults(fn=cmd_model_tiny)
     r = sub.add_parser("run", help="run a JSONL file through Sluice and write the results")
-    r.add_argument("file")
+    r.add_argument("file", nargs="?")
     r.add_argument("-o", "--output", required=True)
+    r.add_argument("--model", help="for lines without one (default: what the server serves)")
+    r.add_argument("--resume", metavar="BATCH_ID", help="follow a run again (its first batch)")
     r.add_argument(
         "--url", help="a running Sluice (default: SLUICE_PUBLIC_URL, else start the embedded stack)"
     )
@@ -348,6 +399,7 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     kc.add_argument("--rpm", type=int, help="requests per minute")
     kc.add_argument("--max-queued", type=int, help="the owner's queued requests")
     kc.add_argument("--max-bytes", type=int, help="the owner's stored file bytes")
+    kc.add_argument("--webhook-url", help="default webhook endpoint of its jobs and batches")
     kc.set_defaults(fn=cmd_keys)
     kl = k.add_parser("list", help="list keys (prefixes only)")
     kl.add_argument("--owner")
@@ -361,6 +413,15 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     b.add_argument("--url")
     b.add_argument("--limit", type=int, default=20)
     b.set_defaults(fn=cmd_batches)
+    st = sub.add_parser("status", help="queue, workers, throughput and recent batches")
+    st.add_argument("--url", help="the API (default: SLUICE_PUBLIC_URL, else host:port)")
+    st.add_argument("--json", action="store_true", help="JSON for scripts (one line per refresh)")
+    st.add_argument(
+        "--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C",
+    )  # fmt: skip
+    st.add_argument("--batches", type=int, default=10, help="recent batches to list (0-100)")
+    st.set_defaults(fn=cmd_status)
     return p
 
 
@@ -372,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
     except SluiceError as exc:
         print(f"sluice: {exc}", file=sys.stderr)
         return 2
+    from sluice.logs import setup_logging
+
+    # Text or JSON lines (SLUICE_LOG_FORMAT), for this process and, through the environment,
+    # every child `sluice up` starts.
+    setup_logging(settings.log_format, settings.log_level, settings.log_prompts)
     args = build_parser(settings).parse_args(argv)
     if not args.verbose:
         # One line per HTTP call would bury `sluice run`'s progress bar; Alembic says ten

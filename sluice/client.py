@@ -20,11 +20,13 @@ class ApiError(SluiceError):
 class Client:
     """Files, batches and results over HTTP."""
 
-    def __init__(self, base_url: str, api_key: str = "sluice") -> None:
+    def __init__(self, base_url: str, api_key: str | None = None) -> None:
+        # api_key: SLUICE_API_KEY or the local key of `sluice up` (sluice.local_key.client_key).
+        # None sends no key: the API then answers 401 naming what is missing.
         self.http = httpx.Client(
             base_url=base_url.rstrip("/"),
             timeout=120,
-            headers={"Authorization": f"Bearer {api_key}"},
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
         )
 
     def _check(self, resp: httpx.Response) -> Any:
@@ -63,6 +65,10 @@ class Client:
                 )
             )
         )
+
+    def models(self) -> list[dict[str, Any]]:
+        """The models the server serves (the first is the one `sluice run` defaults to)."""
+        return list(self._check(self.http.get("/v1/models"))["data"])
 
     def batch(self, batch_id: str) -> dict[str, Any]:
         """One batch."""

@@ -161,7 +161,9 @@ class Settings(BaseSettings):
     # DATA_DIR/flower-auth and printed. Flower never runs open.
     flower_host: str = "127.0.0.1"
     flower_port: int = Field(5555, ge=0, le=65535)
-    flower_basic_auth: str | None = Field(None, pattern=r"^[^:,\s]+:[^,\s]+(,[^:,\s]+:[^,\s]+)*$")
+    flower_basic_auth: str | None = Field(
+        None, pattern=r"^$|^[^:,\s]+:[^,\s]+(,[^:,\s]+:[^,\s]+)*$"
+    )
     flower: bool = True  # false: `sluice up` starts no Flower
 
     # Logs: "text" (one line each) or "json" (one object per line, with batch and request

@@ -10,7 +10,12 @@ from celery import Celery
 from sluice.config import Settings
 from sluice.models import INTERACTIVE
 
-TASK_NAME = "sluice.run_requests"
+# Named for what it does; Flower shows its arguments (batch id, model, request count).
+TASK_NAME = "sluice.run_batch"
+# The name before 0.x messages carried a batch id: still served, so queued messages run.
+LEGACY_TASK_NAME = "sluice.run_requests"
+# Celery event a running task sends with {done, total}: Flower shows it as state PROGRESS.
+PROGRESS_EVENT = "task-progress"
 # Pub/sub channels: cancellations reach workers, finished jobs wake long-polls.
 CANCEL_CHANNEL = "sluice:cancel"
 DONE_CHANNEL = "sluice:done"
@@ -59,13 +64,38 @@ def chunks(ids: Sequence[int], size: int) -> Iterable[list[int]]:
         yield list(ids[start : start + size])
 
 
-def publish(app: Celery, settings: Settings, model: str, priority: int, ids: Sequence[int]) -> int:
-    """Send wake-up messages naming these request ids; returns the message count."""
+def describe_ids(ids: Sequence[int], priority: int) -> str:
+    """What Flower shows for a message's ids: a count and a range, never hundreds of ids."""
+    lane = "interactive" if priority == INTERACTIVE else "bulk"
+    span = f"{min(ids)}..{max(ids)}" if ids else "none"
+    return repr({"ids": f"{len(ids)} request ids {span}", "priority": lane})
+
+
+def publish(
+    app: Celery,
+    settings: Settings,
+    model: str,
+    priority: int,
+    ids: Sequence[int],
+    batch_id: str = "",
+) -> int:
+    """Send wake-up messages naming these request ids; returns the message count.
+
+    The arguments are what an operator reads in Flower: batch id ("" when the reconciler
+    republishes rows of several batches), model and request count; never prompts.
+    """
     queue = queue_name(model, priority)
     sent = 0
     with app.producer_or_acquire() as producer:
         for chunk in chunks(ids, settings.chunk_size):
-            app.send_task(TASK_NAME, args=[chunk, priority], queue=queue, producer=producer)
+            app.send_task(
+                TASK_NAME,
+                args=[batch_id or "requeued", model, len(chunk)],
+                kwargs={"ids": chunk, "priority": priority},
+                kwargsrepr=describe_ids(chunk, priority),
+                queue=queue,
+                producer=producer,
+            )
             sent += 1
     return sent
 

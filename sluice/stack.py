@@ -27,6 +27,7 @@ import redis
 
 from sluice.config import Settings
 from sluice.db import Database
+from sluice.local_key import ensure_local_key
 from sluice.migrate import upgrade
 from sluice.queue import stats_key
 from sluice.redis_clients import sync_client
@@ -109,6 +110,7 @@ class Stack:
         port: int,
         env: Mapping[str, str] | None = None,
         quiet: bool = False,
+        flower_port: int | None = None,
     ) -> None:
         self.settings = settings
         self.host = host
@@ -119,6 +121,9 @@ class Stack:
         self._stopping = threading.Event()
         self.redis = ensure_redis(settings)
         self.url = f"http://{host}:{port}"
+        # The local admin key (DATA_DIR/api-key), made by start() once the tables exist.
+        self.api_key: str | None = None
+        self.flower_port = flower_port  # set: start Flower there too (sluice up)
 
     def child_env(self) -> dict[str, str]:
         """The environment every child process gets (settings travel as SLUICE_ vars)."""
@@ -129,6 +134,11 @@ class Stack:
             "SLUICE_DATA_DIR": str(self.settings.data_dir.resolve()),
             "SLUICE_DATABASE_URL": self.settings.resolved_database_url,
         }
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """The header that authenticates a client with the local admin key."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     @property
     def procs(self) -> list[subprocess.Popen[bytes]]:
@@ -169,10 +179,18 @@ class Stack:
     def start(self, timeout: float = 120.0) -> None:
         """Migrate, start the API and one worker, wait until the API answers /readyz."""
         upgrade(self.settings.resolved_database_url)
+        db = Database(self.settings.resolved_database_url)
+        try:
+            self.api_key = ensure_local_key(self.settings, db)
+        finally:
+            db.dispose()
         self.spawn("api", "--host", self.host, "--port", str(self.port))
         self.spawn("worker")
         # Webhook delivery in a process of its own: a slow receiver never touches an engine.
         self.spawn("webhooks")
+        if self.flower_port is not None:
+            # Supervised like the others; its login comes from settings (sluice/flower.py).
+            self.spawn("flower", env={"SLUICE_FLOWER_PORT": str(self.flower_port)})
         self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
@@ -185,8 +203,13 @@ class Stack:
                         f"see the logs in {self.settings.data_dir}"
                     )
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                ready = httpx.get(f"{self.url}/readyz", timeout=2)
+                if ready.status_code == 200:
                     return
+                if _only_workers_down(ready):
+                    # The API is up; the worker is still loading its model (minutes for a
+                    # real one, longer on a first download). A worker that dies ends the wait.
+                    deadline = max(deadline, time.monotonic() + timeout)
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
@@ -307,3 +330,11 @@ class Stack:
                 p.wait()
         self.children.clear()
         self.redis.stop()
+
+
+def _only_workers_down(ready: httpx.Response) -> bool:
+    """A /readyz 503 that says only that no worker is live yet."""
+    try:
+        return ready.status_code == 503 and ready.json().get("down") == ["workers"]
+    except ValueError:
+        return False

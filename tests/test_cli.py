@@ -26,6 +26,11 @@ def _env(data_dir: Path, **extra: str) -> dict[str, str]:
     return {**env, "SLUICE_DATA_DIR": str(data_dir), "SLUICE_ENGINE": "echo", **extra}
 
 
+def _auth(data_dir: Path) -> dict[str, str]:
+    """The header with the local admin key `sluice up` wrote to its data directory."""
+    return {"Authorization": f"Bearer {(data_dir / 'api-key').read_text().strip()}"}
+
+
 def test_up_serves_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
@@ -43,7 +48,14 @@ def test_up_serves_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
                 break
         url = re.search(r"http://\S+", line)
         assert url and url.group(0) == f"http://127.0.0.1:{port}", line
-        http = httpx.Client(base_url=url.group(0), timeout=30)
+        # Auth is on and `sluice up` said where its local admin key is (only we may read it).
+        for key_line in proc.stdout:  # the children's logs may come in between
+            if "API keys" in key_line:
+                break
+        assert "API keys are on" in key_line and str(tmp_path / "api-key") in key_line
+        assert (tmp_path / "api-key").stat().st_mode & 0o777 == 0o600
+        assert httpx.get(f"{url.group(0)}/v1/files").status_code == 401
+        http = httpx.Client(base_url=url.group(0), timeout=30, headers=_auth(tmp_path))
         job = http.post("/v1/jobs", json={"prompt": "up and running", "max_tokens": 8})
         done = http.get(f"/v1/jobs/{job.json()['id']}", params={"wait": 30}).json()
         assert done["output"] == "up and running"
@@ -89,7 +101,9 @@ def test_up_restarts_a_killed_worker_and_keeps_the_api(tmp_path: Path) -> None:
         assert "restarting it" in errors.read_text()
         assert proc.poll() is None
         # The API never went away, and the new worker serves.
-        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        http = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", timeout=30, headers=_auth(tmp_path)
+        )
         job = http.post("/v1/jobs", json={"prompt": "after the crash", "max_tokens": 8})
         assert job.status_code == 202, job.text
         done = http.get(f"/v1/jobs/{job.json()['id']}", params={"wait": 60}).json()

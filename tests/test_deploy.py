@@ -16,10 +16,12 @@ import pytest
 import yaml
 
 from sluice.config import load_settings
+from sluice.db import Database
 from sluice.queue import broker_url
 from sluice.redis_server import ensure_redis
 from sluice.scratch import scratch_database
 from sluice.stack import free_port
+from sluice.store.keys import create_key
 from tests.e2e.conftest import PG_URL, REDIS_URL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,15 +98,30 @@ def test_compose_services_run_natively(env: dict[str, Any], tmp_path: Path) -> N
         with (tmp_path / "services.log").open("ab") as log:
             for service, port in (("api", api_port), ("worker", None), ("flower", flower_port)):
                 cmd = _native(_command(service), port, broker_url(env["SLUICE_REDIS_URL"]))
-                procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=log))
-        api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30)
+                procs.append(
+                    subprocess.Popen(
+                        cmd, env=_service_env(service, env, port), stdout=log, stderr=log
+                    )
+                )
+        # Auth is on, as compose runs it: an operator's first key, made in the database.
+        db = Database(env["SLUICE_DATABASE_URL"])
+        key, _ = create_key(db, owner="ops", name="deploy-test")
+        db.dispose()
+        api = httpx.Client(
+            base_url=f"http://127.0.0.1:{api_port}",
+            timeout=30,
+            headers={"Authorization": f"Bearer {key}"},
+        )
         _wait_http(api, "/readyz")
         job = api.post("/v1/jobs", json={"prompt": "compose says hi", "max_tokens": 3})
         assert job.status_code == 202, job.text
         done = api.get(f"/v1/jobs/{job.json()['id']}", params={"wait": 30}).json()
         assert done["status"] == "succeeded" and done["output"] == "compose says hi"
         flower = httpx.Client(base_url=f"http://127.0.0.1:{flower_port}", timeout=10)
-        _wait_http(flower, "/")
+        _wait_http(flower, "/healthcheck")
+        # Never open: refused without the login, served with it.
+        assert flower.get("/api/workers").status_code == 401
+        assert flower.get("/api/workers", auth=("ops", "s3cret")).status_code == 200
     finally:
         for p in procs:
             p.terminate()
@@ -113,6 +130,20 @@ def test_compose_services_run_natively(env: dict[str, Any], tmp_path: Path) -> N
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def _service_env(service: str, env: dict[str, Any], port: int | None) -> dict[str, str]:
+    """The service's own environment from compose, with this host's addresses."""
+    own = {k: str(v) for k, v in (COMPOSE["services"][service].get("environment") or {}).items()}
+    out = {**env, **{k: v for k, v in own.items() if k not in env or k.startswith("SLUICE_F")}}
+    if service == "flower":
+        assert own["SLUICE_FLOWER_BASIC_AUTH"] == "${SLUICE_FLOWER_BASIC_AUTH:-}"
+        out.update(
+            SLUICE_FLOWER_HOST="127.0.0.1",
+            SLUICE_FLOWER_PORT=str(port),
+            SLUICE_FLOWER_BASIC_AUTH="ops:s3cret",
+        )
+    return out
 
 
 def _wait_http(client: httpx.Client, path: str, timeout: float = 60) -> None:

@@ -78,6 +78,8 @@ def run_worker(settings: Settings, redis_url: str, loglevel: str = "INFO") -> in
         loglevel=loglevel,
         without_mingle=True,
         without_gossip=True,
+        # JSON logs: no banner, so every line the worker writes parses.
+        quiet=settings.log_format == "json",
     )
     try:
         worker.start()

@@ -13,14 +13,14 @@ from celery import Celery
 from sluice.config import Settings
 from sluice.db import Database
 from sluice.queue import RECONCILE_LOCK, publish
-from sluice.store import work
+from sluice.store import retention, work
 from worker.runner import Runner
 
 log = logging.getLogger("sluice.reconciler")
 
 
 class Reconciler:
-    """Every few seconds: renew leases; then, one worker at a time, requeue and expire."""
+    """Every few seconds: renew leases; then, one worker at a time, requeue, expire, delete."""
 
     def __init__(
         self,
@@ -75,6 +75,11 @@ class Reconciler:
         requeued, finished = work.requeue_expired_leases(self.db, self.settings.max_attempts)
         finished += work.expire_batches(self.db)
         self._republish(requeued)
+        # Files past expires_at (uploads after SLUICE_FILE_TTL_DAYS, outputs after the
+        # batch's output_expires_after): deleted, so storage does not grow forever.
+        expired = retention.delete_expired_files(self.db)
+        if expired:
+            log.info("deleted %d expired files", len(expired))
         if finished:
             self.on_finished(finished)
 

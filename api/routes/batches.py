@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import ID_PATTERN, CeleryDep, Cursor, DbDep, OwnerDep, RedisDep, ResourceId, StateDep
+from api.auth import CallerDep, check_queued
+from api.deps import (
+    ID_PATTERN,
+    CeleryDep,
+    Cursor,
+    DbDep,
+    OwnerDep,
+    RedisDep,
+    ResourceId,
+    ScopeDep,
+    StateDep,
+)
 from api.docs import COMMON, ERRORS, SUBMIT_ERRORS
 from api.errors import ApiError
 from api.publish import publish_cancel, publish_created
@@ -27,13 +38,21 @@ from sluice.store.batches import (
     list_batches,
     window_seconds,
 )
-from sluice.store.files import complete_through_line
+from sluice.store.files import complete_through_line, get_file
 
 router = APIRouter(prefix="/v1/batches")
 
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY = 64
 MAX_METADATA_VALUE = 512
+
+
+class OutputExpiresAfter(BaseModel):
+    """OpenAI's output_expires_after: the output and error files live this long."""
+
+    anchor: Literal["created_at"] = "created_at"
+    # OpenAI's bounds: one hour to 30 days.
+    seconds: int = Field(ge=3600, le=30 * 86400)
 
 
 class BatchIn(BaseModel):
@@ -43,6 +62,7 @@ class BatchIn(BaseModel):
 
     input_file_id: str = Field(max_length=64, pattern=ID_PATTERN)
     endpoint: str = Field(max_length=64)
+    output_expires_after: OutputExpiresAfter | None = None
     completion_window: str = Field("24h", max_length=16)
     metadata: dict[str, str] | None = None
     # Sluice extension (OpenAI has no such field): where batch.* events go.
@@ -81,7 +101,16 @@ def _check_metadata(metadata: dict[str, str] | None) -> None:
             )
 
 
-def _object(db: Database, batch_id: str, owner: str) -> dict[str, Any]:
+async def _line_count(db: Database, file_id: str, owner: str) -> int:
+    """The requests a file would queue (0 when it is not the owner's: create answers 404)."""
+    try:
+        row = await anyio.to_thread.run_sync(get_file, db, file_id, owner)
+    except NotFound:
+        return 0
+    return int(row["line_count"])
+
+
+def _object(db: Database, batch_id: str, owner: str | None) -> dict[str, Any]:
     return batch_object(get_batch(db, batch_id, owner))
 
 
@@ -92,6 +121,7 @@ async def create(
     db: DbDep,
     celery: CeleryDep,
     owner: OwnerDep,
+    caller: CallerDep,
 ) -> dict[str, Any]:
     """Check the input file and queue its lines; a file with bad lines gives a failed batch."""
     settings = state.settings
@@ -106,6 +136,9 @@ async def create(
     _check_metadata(batch.metadata)
     webhook_url = check_webhook_url(batch.webhook_url, settings)
     await state.gauge.admit()
+    if caller.key is not None and caller.key.queued_limit is not None:
+        await check_queued(state, caller, await _line_count(db, batch.input_file_id, owner))
+    expiry = batch.output_expires_after
 
     def run() -> Any:
         return create_batch(
@@ -121,6 +154,7 @@ async def create(
             max_requests=settings.max_file_lines,
             max_window=settings.max_completion_window,
             prefix_order=settings.prefix_order,
+            output_expires_after=expiry.seconds if expiry else None,
         )
 
     try:
@@ -135,7 +169,7 @@ async def create(
 @router.get("", responses=COMMON)
 async def list_all(
     db: DbDep,
-    owner: OwnerDep,
+    owner: ScopeDep,
     after: Cursor = None,
     limit: int = Query(20, ge=1, le=100),
 ) -> dict[str, Any]:
@@ -152,14 +186,14 @@ async def list_all(
 
 
 @router.get("/{batch_id}", responses=ERRORS)
-async def retrieve(batch_id: ResourceId, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
+async def retrieve(batch_id: ResourceId, db: DbDep, owner: ScopeDep) -> dict[str, Any]:
     """One batch."""
     return await anyio.to_thread.run_sync(_object, db, batch_id, owner)
 
 
 @router.post("/{batch_id}/cancel", responses=ERRORS)
 async def cancel(
-    batch_id: ResourceId, db: DbDep, redis: RedisDep, owner: OwnerDep
+    batch_id: ResourceId, db: DbDep, redis: RedisDep, owner: ScopeDep
 ) -> dict[str, Any]:
     """Cancel: queued requests never run; workers abort running ones (status cancelling)."""
     tell_workers = await anyio.to_thread.run_sync(cancel_batch, db, batch_id, owner)
@@ -176,7 +210,7 @@ COMPLETE_THROUGH = "Sluice-Complete-Through-Line"
 async def results(
     batch_id: ResourceId,
     db: DbDep,
-    owner: OwnerDep,
+    owner: ScopeDep,
     after_line: int | None = Query(None, ge=0, le=2**31 - 1),
 ) -> StreamingResponse:
     """Lines finished so far (any end status) in output-file format, by line number.

@@ -8,7 +8,8 @@ import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from api.deps import Cursor, DbDep, OwnerDep, ResourceId, SettingsDep
+from api.auth import CallerDep, check_stored
+from api.deps import Cursor, DbDep, OwnerDep, ResourceId, ScopeDep, SettingsDep, StateDep
 from api.docs import COMMON, ERRORS
 from api.streams import primed
 from api.upload import body_limit, receive_upload
@@ -20,7 +21,7 @@ from sluice.store.files import PURPOSES, delete_file, get_file, list_files
 router = APIRouter(prefix="/v1/files")
 
 
-def _object(db: Database, file_id: str, owner: str) -> dict[str, Any]:
+def _object(db: Database, file_id: str, owner: str | None) -> dict[str, Any]:
     row = dict(get_file(db, file_id, owner))
     row["bytes"] = measured_bytes(db, row)
     return file_object(row)
@@ -28,7 +29,12 @@ def _object(db: Database, file_id: str, owner: str) -> dict[str, Any]:
 
 @router.post("", responses=COMMON)
 async def upload_file(
-    request: Request, settings: SettingsDep, db: DbDep, owner: OwnerDep
+    request: Request,
+    settings: SettingsDep,
+    db: DbDep,
+    owner: OwnerDep,
+    caller: CallerDep,
+    state: StateDep,
 ) -> dict[str, Any]:
     """Store an uploaded JSONL file (multipart `file` and `purpose=batch`), parsed as a stream."""
     declared = request.headers.get("content-length")
@@ -38,12 +44,15 @@ async def upload_file(
         # Refuse before reading a byte: the client learns at once, nothing is buffered.
         if int(declared) > body_limit(settings):
             raise TooLarge(f"file is larger than {settings.max_file_bytes} bytes")
+    # The key's max_bytes: checked against the declared size (a chunked upload: against
+    # what is stored already), before a byte of the body is read.
+    await check_stored(state, caller, int(declared or 0))
     stored = await receive_upload(request, db, settings, owner)
     return await anyio.to_thread.run_sync(_object, db, stored.id, owner)
 
 
 def _list(
-    db: Database, owner: str, purpose: str | None, after: str | None, limit: int, order: str
+    db: Database, owner: str | None, purpose: str | None, after: str | None, limit: int, order: str
 ) -> dict[str, Any]:
     rows = list_files(db, owner, purpose=purpose, after=after, limit=limit, order=order)
     page = [dict(r) for r in rows[:limit]]
@@ -62,7 +71,7 @@ def _list(
 @router.get("", responses=COMMON)
 async def get_files(
     db: DbDep,
-    owner: OwnerDep,
+    owner: ScopeDep,
     purpose: str | None = Query(None, max_length=32),
     after: Cursor = None,
     limit: int = Query(10_000, ge=1, le=10_000),
@@ -77,20 +86,20 @@ async def get_files(
 
 
 @router.get("/{file_id}", responses=ERRORS)
-async def retrieve_file(file_id: ResourceId, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
+async def retrieve_file(file_id: ResourceId, db: DbDep, owner: ScopeDep) -> dict[str, Any]:
     """One file's object."""
     return await anyio.to_thread.run_sync(_object, db, file_id, owner)
 
 
 @router.delete("/{file_id}", responses=ERRORS)
-async def remove_file(file_id: ResourceId, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
+async def remove_file(file_id: ResourceId, db: DbDep, owner: ScopeDep) -> dict[str, Any]:
     """Delete a file (409 while an unfinished batch reads it)."""
     await anyio.to_thread.run_sync(delete_file, db, file_id, owner)
     return {"id": file_id, "object": "file", "deleted": True}
 
 
 @router.get("/{file_id}/content", responses=ERRORS)
-async def file_content(file_id: ResourceId, db: DbDep, owner: OwnerDep) -> StreamingResponse:
+async def file_content(file_id: ResourceId, db: DbDep, owner: ScopeDep) -> StreamingResponse:
     """The file's bytes, streamed page by page (output files are rendered from results)."""
     row = await anyio.to_thread.run_sync(get_file, db, file_id, owner)
     jsonl = str(row["filename"]).endswith(".jsonl") or row["purpose"] != "batch"

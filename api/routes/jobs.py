@@ -11,7 +11,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import CeleryDep, DbDep, OwnerDep, RedisDep, ResourceId, StateDep
+from api.auth import CallerDep, check_queued
+from api.deps import CeleryDep, DbDep, OwnerDep, RedisDep, ResourceId, ScopeDep, StateDep
 from api.docs import ERRORS, SUBMIT_ERRORS
 from api.errors import ApiError
 from api.listener import DoneListener
@@ -131,13 +132,13 @@ def check_body(body: dict[str, Any], settings: Settings) -> tuple[str, dict[str,
     return endpoint, body
 
 
-def _read(db: Database, job_id: str, owner: str) -> dict[str, Any]:
+def _read(db: Database, job_id: str, owner: str | None) -> dict[str, Any]:
     batch = get_batch(db, job_id, owner, kind="job")
     reqs = request_page(db, job_id, limit=1)
     return job_object(batch, reqs[0] if reqs else None)
 
 
-async def read_job(db: Database, job_id: str, owner: str) -> dict[str, Any]:
+async def read_job(db: Database, job_id: str, owner: str | None) -> dict[str, Any]:
     """The job's current view (database work off the event loop)."""
     return await anyio.to_thread.run_sync(_read, db, job_id, owner)
 
@@ -147,7 +148,7 @@ def _done(view: dict[str, Any]) -> bool:
 
 
 async def wait_for_job(
-    db: Database, listener: DoneListener, job_id: str, owner: str, wait: float
+    db: Database, listener: DoneListener, job_id: str, owner: str | None, wait: float
 ) -> dict[str, Any]:
     """Read the job; if unfinished, hold until its done notice or the deadline, then reread."""
     # Registered before the first read: a finish between the two still wakes us.
@@ -171,12 +172,14 @@ async def submit_job(
     db: DbDep,
     celery: CeleryDep,
     owner: OwnerDep,
+    caller: CallerDep,
 ) -> JSONResponse:
     """Queue one prompt; 202 with the job and a Location to poll."""
     settings = state.settings
     endpoint, body = _check(job, settings)
     webhook_url = check_webhook_url(job.webhook_url, settings)
     await state.gauge.admit()
+    await check_queued(state, caller, 1)
     created = await anyio.to_thread.run_sync(
         lambda: create_job(
             db,
@@ -198,7 +201,7 @@ async def get_job(
     job_id: ResourceId,
     state: StateDep,
     db: DbDep,
-    owner: OwnerDep,
+    owner: ScopeDep,
     wait: float = 0.0,
 ) -> dict[str, Any]:
     """The job; with ?wait=N, held up to N seconds until it ends."""
@@ -226,7 +229,7 @@ async def get_job(
 
 @router.post("/{job_id}/cancel", responses=ERRORS)
 async def cancel_job(
-    job_id: ResourceId, db: DbDep, redis: RedisDep, owner: OwnerDep
+    job_id: ResourceId, db: DbDep, redis: RedisDep, owner: ScopeDep
 ) -> dict[str, Any]:
     """Cancel a queued or running job; a running one is aborted by its worker."""
     tell_workers = await anyio.to_thread.run_sync(

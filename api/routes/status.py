@@ -8,8 +8,8 @@ import anyio
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from api.deps import OwnerDep, StateDep
-from api.docs import COMMON
+from api.deps import AdminDep, StateDep
+from api.docs import ADMIN_ERRORS
 from api.workers import WorkerView, read_workers
 from sluice.metrics import PRIORITY_LABELS
 from sluice.store.stats import BatchLine, queue_counts, recent_batches
@@ -62,10 +62,10 @@ def _batch(b: BatchLine) -> BatchOut:
     return BatchOut(**b.__dict__)
 
 
-@router.get("/status", response_model=StatusOut, responses=COMMON)
+@router.get("/status", response_model=StatusOut, responses=ADMIN_ERRORS)
 async def status(
     state: StateDep,
-    _owner: OwnerDep,
+    _admin: AdminDep,
     batches: int = Query(10, ge=0, le=100, description="How many recent batches to list."),
 ) -> StatusOut:
     """Queue depth, workers (model, engine, occupancy, last seen), throughput, batches."""

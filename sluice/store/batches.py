@@ -41,6 +41,7 @@ from sluice.models import (
 )
 from sluice.store import deliveries
 from sluice.store.lifecycle import Outcome, account, finalize, tally
+from sluice.store.owners import owned
 
 WINDOWS = {"1h": 3600, "24h": 86400, "7d": 7 * 86400}
 MAX_LISTED_ERRORS = 1000
@@ -205,8 +206,11 @@ def create_batch(
     max_window: int = DEFAULT_MAX_WINDOW,
     prefix_order: bool = True,
     aliases: Mapping[str, str] | None = None,
+    output_expires_after: int | None = None,
 ) -> Created:
     """Check the whole input file, then queue every line as a request (one transaction).
+
+    output_expires_after: seconds the output and error files live (None: 30 days).
 
     aliases (alias -> served model): lines naming an alias run as, and are stored as, its model.
 
@@ -275,6 +279,7 @@ def create_batch(
                 metadata_json=json.dumps(metadata) if metadata else None,
                 errors_json=json.dumps(errs[:MAX_LISTED_ERRORS]) if errs else None,
                 webhook_url=webhook_url,
+                output_expires_after=output_expires_after,
                 created_at=now,
                 expires_at=now + window,
                 in_progress_at=None if errs else now,
@@ -383,13 +388,13 @@ def create_job(
     return Created(job_id, IN_PROGRESS, model, INTERACTIVE, [rid])
 
 
-def get_batch(db: Database, batch_id: str, owner: str, kind: str = "batch") -> RowMapping:
-    """One batch (or job) row; NotFound if missing or someone else's."""
+def get_batch(db: Database, batch_id: str, owner: str | None, kind: str = "batch") -> RowMapping:
+    """One batch (or job) row; NotFound if missing or someone else's (owner None: anyone's)."""
     with db.read() as conn:
         row = (
             conn.execute(
                 select(batches).where(
-                    batches.c.id == batch_id, batches.c.owner == owner, batches.c.kind == kind
+                    batches.c.id == batch_id, owned(batches.c.owner, owner), batches.c.kind == kind
                 )
             )
             .mappings()
@@ -400,13 +405,17 @@ def get_batch(db: Database, batch_id: str, owner: str, kind: str = "batch") -> R
     return row
 
 
-def list_batches(db: Database, owner: str, after: str | None, limit: int) -> list[RowMapping]:
-    """Newest first, OpenAI-style cursor: batches created before `after`."""
-    q = select(batches).where(batches.c.owner == owner, batches.c.kind == "batch")
+def list_batches(
+    db: Database, owner: str | None, after: str | None, limit: int
+) -> list[RowMapping]:
+    """Newest first, OpenAI-style cursor: batches created before `after` (owner None: all)."""
+    q = select(batches).where(owned(batches.c.owner, owner), batches.c.kind == "batch")
     if after:
         with db.read() as conn:
             cursor = conn.execute(
-                select(batches.c.created_at).where(batches.c.id == after, batches.c.owner == owner)
+                select(batches.c.created_at).where(
+                    batches.c.id == after, owned(batches.c.owner, owner)
+                )
             ).scalar()
         if cursor is None:
             raise InvalidInput(f"no batch with id {after!r}", param="after")
@@ -419,7 +428,7 @@ def list_batches(db: Database, owner: str, after: str | None, limit: int) -> lis
         return list(conn.execute(q).mappings().all())
 
 
-def cancel_batch(db: Database, batch_id: str, owner: str, kind: str = "batch") -> bool:
+def cancel_batch(db: Database, batch_id: str, owner: str | None, kind: str = "batch") -> bool:
     """Stop a batch: queued requests never run; running ones are aborted by their worker.
 
     Returns True when workers must be told to abort running requests.
@@ -427,7 +436,7 @@ def cancel_batch(db: Database, batch_id: str, owner: str, kind: str = "batch") -
     with db.write() as conn:
         row = conn.execute(
             select(batches.c.status).where(
-                batches.c.id == batch_id, batches.c.owner == owner, batches.c.kind == kind
+                batches.c.id == batch_id, owned(batches.c.owner, owner), batches.c.kind == kind
             )
         ).one_or_none()
         if row is None:

@@ -9,6 +9,7 @@ from sqlalchemy import RowMapping, delete, func, select, update
 from sluice.db import Database
 from sluice.errors import Conflict, InvalidInput, NotFound
 from sluice.models import QUEUED, RUNNING, TERMINAL_BATCH, batches, file_lines, files, requests
+from sluice.store.owners import owned
 
 PAGE = 2000
 PURPOSES = ("batch", "batch_output", "batch_error")
@@ -36,11 +37,11 @@ RESULT_COLUMNS = (
 )
 
 
-def get_file(db: Database, file_id: str, owner: str) -> RowMapping:
-    """One file row; NotFound if missing or someone else's."""
+def get_file(db: Database, file_id: str, owner: str | None) -> RowMapping:
+    """One file row; NotFound if missing or someone else's (owner None: anyone's)."""
     with db.read() as conn:
         row = (
-            conn.execute(select(files).where(files.c.id == file_id, files.c.owner == owner))
+            conn.execute(select(files).where(files.c.id == file_id, owned(files.c.owner, owner)))
             .mappings()
             .one_or_none()
         )
@@ -51,7 +52,7 @@ def get_file(db: Database, file_id: str, owner: str) -> RowMapping:
 
 def list_files(
     db: Database,
-    owner: str,
+    owner: str | None,
     *,
     purpose: str | None = None,
     after: str | None = None,
@@ -60,14 +61,14 @@ def list_files(
 ) -> list[RowMapping]:
     """Files by created_at (then id), up to limit + 1 rows so the caller can tell has_more."""
     c = files.c
-    q = select(files).where(c.owner == owner)
+    q = select(files).where(owned(c.owner, owner))
     if purpose is not None:
         q = q.where(c.purpose == purpose)
     desc = order == "desc"
     if after:
         with db.read() as conn:
             cursor = conn.execute(
-                select(c.created_at).where(c.id == after, c.owner == owner)
+                select(c.created_at).where(c.id == after, owned(c.owner, owner))
             ).scalar()
         if cursor is None:
             raise InvalidInput(f"no file with id {after!r}", param="after")
@@ -80,11 +81,11 @@ def list_files(
         return list(conn.execute(q.order_by(*keys).limit(limit + 1)).mappings().all())
 
 
-def delete_file(db: Database, file_id: str, owner: str) -> None:
+def delete_file(db: Database, file_id: str, owner: str | None) -> None:
     """Delete a file and its lines; Conflict while an unfinished batch still reads it."""
     with db.write() as conn:
         found = conn.execute(
-            select(files.c.id).where(files.c.id == file_id, files.c.owner == owner)
+            select(files.c.id).where(files.c.id == file_id, owned(files.c.owner, owner))
         ).scalar()
         if found is None:
             raise NotFound("file", file_id)

@@ -113,8 +113,10 @@ def finalize(conn: Connection, batch_id: str, status: str) -> None:
             batches.c.total,
             batches.c.kind,
             batches.c.webhook_url,
+            batches.c.output_expires_after,
         ).where(batches.c.id == batch_id)
     ).one()
+    ttl = b.output_expires_after or OUTPUT_TTL
     now = unix()
     values: dict[str, object] = {"status": status}
     if status == COMPLETED:
@@ -126,16 +128,20 @@ def finalize(conn: Connection, batch_id: str, status: str) -> None:
     unfinished_expired = status == B_EXPIRED and b.completed + b.failed + b.dropped < b.total
     if b.kind == "batch":
         if b.completed:
-            values["output_file_id"] = _result_file(conn, batch_id, b.owner, "batch_output", now)
+            values["output_file_id"] = _result_file(
+                conn, batch_id, b.owner, "batch_output", now, ttl
+            )
         if b.failed or b.dropped or unfinished_expired:
-            values["error_file_id"] = _result_file(conn, batch_id, b.owner, "batch_error", now)
+            values["error_file_id"] = _result_file(conn, batch_id, b.owner, "batch_error", now, ttl)
     conn.execute(update(batches).where(batches.c.id == batch_id).values(**values))
     if b.webhook_url:
         # Same transaction as the end status: the event exists exactly when the end does.
         deliveries.enqueue(conn, batch_id, b.kind, status, b.owner, b.webhook_url)
 
 
-def _result_file(conn: Connection, batch_id: str, owner: str, purpose: str, now: int) -> str:
+def _result_file(
+    conn: Connection, batch_id: str, owner: str, purpose: str, now: int, ttl: int
+) -> str:
     file_id = new_file_id()
     suffix = "output" if purpose == "batch_output" else "error"
     conn.execute(
@@ -149,7 +155,7 @@ def _result_file(conn: Connection, batch_id: str, owner: str, purpose: str, now:
             bad_lines=0,
             batch_id=batch_id,
             created_at=now,
-            expires_at=now + OUTPUT_TTL,
+            expires_at=now + ttl,
         )
     )
     return file_id

@@ -23,6 +23,7 @@ from sluice.config import Settings, load_settings
 from sluice.db import Database, get_database
 from sluice.redis_server import ensure_redis
 from sluice.scratch import scratch_database
+from sluice.store.keys import create_key
 from tests.api.helpers import Api
 
 PG_URL = os.environ.get("SLUICE_TEST_DATABASE_URL", "")
@@ -139,9 +140,16 @@ def start_api(
         }
         settings = load_settings(**values)
         client = redis.Redis.from_url(redis_url)
+        db = get_database(settings)
+        # Auth is on, as in production: the test client sends a key of owner "default".
+        key, _ = create_key(db, owner="default", name="tests")
+        headers = {"Authorization": f"Bearer {key}"}
         try:
-            with serve(settings) as url, httpx.Client(base_url=url, timeout=60) as http:
-                yield Api(url, settings, http, client, get_database(settings))
+            with (
+                serve(settings) as url,
+                httpx.Client(base_url=url, timeout=60, headers=headers) as http,
+            ):
+                yield Api(url, settings, http, client, db, key)
         finally:
             # The queues of this module's model (and kombu's bindings for them).
             for key in client.scan_iter(match=f"*sluice.{model}*"):

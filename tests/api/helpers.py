@@ -24,6 +24,13 @@ class Api:
     http: httpx.Client
     redis: redis.Redis
     db: Database
+    # The API key self.http sends (owner "default"; tests/api/test_isolation.py makes others).
+    key: str = ""
+
+    @property
+    def auth_line(self) -> bytes:
+        """The Authorization header line, for requests written by hand on a socket."""
+        return f"Authorization: Bearer {self.key}\r\n".encode()
 
     @property
     def model(self) -> str:

@@ -425,7 +425,7 @@ def test_completions_output_is_text_completion(api: Api) -> None:
 
 
 def test_official_openai_client_against_the_api(api: Api) -> None:
-    client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="sk-anything", max_retries=0)
+    client = openai.OpenAI(base_url=f"{api.url}/v1", api_key=api.key, max_retries=0)
     content = jsonl([batch_line(f"oa-{i}", api.model) for i in range(3)])
     uploaded = client.files.create(file=("oa.jsonl", content), purpose="batch")
     assert uploaded.bytes == len(content) and uploaded.purpose == "batch"

@@ -173,7 +173,7 @@ def test_declared_length_over_limit_is_413_before_the_body_is_read(api: Api) -> 
     head = (
         f"POST /v1/files HTTP/1.1\r\nHost: {url.netloc}\r\n"
         f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
-        f"Content-Length: {50 * 1024**3}\r\n\r\n"
+        f"Content-Length: {50 * 1024**3}\r\n{api.auth_line.decode()}\r\n"
     ).encode()
     with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
         sock.sendall(head + f"--{BOUNDARY}\r\n".encode())
@@ -361,7 +361,7 @@ def test_client_gone_mid_upload_stores_nothing_and_leaves_nothing_open(api: Api)
     head = (
         f"POST /v1/files HTTP/1.1\r\nHost: {url.netloc}\r\n"
         f"Content-Type: {headers['content-type']}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"Content-Length: {len(body)}\r\n{api.auth_line.decode()}\r\n"
     ).encode()
     with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
         sock.sendall(head + body[: len(body) // 2])

@@ -39,7 +39,8 @@ def test_a_declared_200_mb_json_body_is_refused_before_it_is_read(api: Api) -> N
     try:
         started = time.monotonic()
         sock.sendall(
-            b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + api.auth_line
             + f"Content-Length: {200 * MB}\r\n\r\n".encode()
             + b'{"prompt": "'
         )
@@ -84,7 +85,7 @@ def test_100_mb_of_headers_are_refused_quickly(api: Api) -> None:
     sent = 0
     started = time.monotonic()
     try:
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Flood: ")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Flood: ")
         chunk = b"a" * MB
         try:
             while sent < 100 * MB:
@@ -106,7 +107,9 @@ def test_100_mb_of_headers_are_refused_quickly(api: Api) -> None:
 def test_a_long_url_is_refused_too(api: Api) -> None:
     sock = _connect(api)
     try:
-        sock.sendall(b"GET /v1/files?after=" + b"a" * 200_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(
+            b"GET /v1/files?after=" + b"a" * 200_000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        )
         answer = _read_response(sock)
     finally:
         sock.close()
@@ -153,7 +156,7 @@ def _long_polls(api: Api, job_id: str, n: int, wait: float) -> list[int]:
     lock = threading.Lock()
 
     def poll() -> None:
-        with httpx.Client(base_url=api.url, timeout=30) as http:
+        with httpx.Client(base_url=api.url, timeout=30, headers=api.http.headers) as http:
             status = http.get(f"/v1/jobs/{job_id}", params={"wait": wait}).status_code
         with lock:
             statuses.append(status)

@@ -27,6 +27,8 @@ def test_api_conforms_to_its_schema(api: Api) -> None:
         # Every check but one: rules that span fields or depend on settings (prompt or
         # messages, a served model, max_tokens under the model's context) are not in the
         # schema, so schema-valid bodies may rightly get a 400. A 5xx always fails.
-        case.call_and_validate(excluded_checks=[positive_data_acceptance])
+        case.call_and_validate(
+            headers=dict(api.http.headers), excluded_checks=[positive_data_acceptance]
+        )
 
     run()

@@ -98,7 +98,8 @@ def start_stack(backend: str, data_dir: Path, **env: str) -> Iterator[Running]:
     stack = Stack(settings, "127.0.0.1", free_port(), env=env_all, quiet=True)
     try:
         stack.start()
-        with httpx.Client(base_url=stack.url, timeout=60) as http:
+        # The local admin key the stack made (DATA_DIR/api-key): auth is on, as by default.
+        with httpx.Client(base_url=stack.url, timeout=60, headers=stack.auth_headers) as http:
             yield Running(stack, settings, http, redis.Redis.from_url(stack.redis.url), backend)
     finally:
         stack.stop()

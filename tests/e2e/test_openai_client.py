@@ -25,7 +25,7 @@ def sluice(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[R
 @pytest.fixture(scope="module")
 def client(sluice: Running) -> OpenAI:
     """The real OpenAI client pointed at Sluice."""
-    return OpenAI(base_url=f"{sluice.stack.url}/v1", api_key="sk-local", max_retries=0)
+    return OpenAI(base_url=f"{sluice.stack.url}/v1", api_key=sluice.stack.api_key, max_retries=0)
 
 
 def _jsonl(lines: list[dict[str, object]]) -> io.BytesIO:

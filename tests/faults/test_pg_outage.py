@@ -44,7 +44,7 @@ def pg_stack(cluster: PgCluster, tmp_path: Path) -> Iterator[Running]:
     stack = Stack(settings, "127.0.0.1", free_port(), env=env, quiet=True)
     try:
         stack.start()
-        with httpx.Client(base_url=stack.url, timeout=60) as http:
+        with httpx.Client(base_url=stack.url, timeout=60, headers=stack.auth_headers) as http:
             yield Running(stack, settings, http, redis.Redis.from_url(stack.redis.url), "postgres")
     finally:
         stack.stop()
@@ -99,7 +99,9 @@ def test_database_stopped_20s_mid_run(pg_stack: Running, cluster: PgCluster) -> 
         answers: dict[str, dict[int, int]] = {}
         streams: set[int] = set()
         try:
-            with httpx.Client(base_url=sluice.stack.url, timeout=30) as http:
+            with httpx.Client(
+                base_url=sluice.stack.url, timeout=30, headers=sluice.stack.auth_headers
+            ) as http:
                 deadline = time.monotonic() + OUTAGE_SECONDS
                 while time.monotonic() < deadline:
                     calls = [

@@ -110,7 +110,7 @@ def test_openai_batch_matches_raw_vllm_token_for_token(
     path = tmp_path / "batch.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
 
-    client = OpenAI(base_url=f"{sluice.stack.url}/v1", api_key="unused", max_retries=0)
+    client = OpenAI(base_url=f"{sluice.stack.url}/v1", api_key=sluice.stack.api_key, max_retries=0)
     uploaded = client.files.create(file=path.open("rb"), purpose="batch")
     batch = client.batches.create(
         input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h"

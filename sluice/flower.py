@@ -1,0 +1,86 @@
+"""Flower for Sluice: on the configured (or embedded) Redis, loopback, always behind a login."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from sluice.config import Settings
+from sluice.queue import broker_url
+
+AUTH_FILE = "flower-auth"
+USER = "sluice"
+
+
+@dataclass(frozen=True)
+class FlowerAuth:
+    """Basic-auth credentials ("user:password,..."), and where they came from."""
+
+    value: str
+    source: str  # "SLUICE_FLOWER_BASIC_AUTH", or the file they are stored in
+    generated: bool = False  # made just now (print them once)
+
+    @property
+    def first(self) -> tuple[str, str]:
+        """The first user and password."""
+        user, _, password = self.value.split(",")[0].partition(":")
+        return user, password
+
+
+def credentials(settings: Settings) -> FlowerAuth:
+    """SLUICE_FLOWER_BASIC_AUTH, else the stored generated login (made on first use)."""
+    if settings.flower_basic_auth:
+        return FlowerAuth(settings.flower_basic_auth, "SLUICE_FLOWER_BASIC_AUTH")
+    path = Path(settings.data_dir) / AUTH_FILE
+    if path.is_file():
+        stored = path.read_text().strip()
+        if ":" in stored:
+            return FlowerAuth(stored, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = f"{USER}:{secrets.token_urlsafe(18)}"
+    # Created 0600 before anything is written: the password is never readable by others.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value + "\n")
+    return FlowerAuth(value, str(path), generated=True)
+
+
+def flower_url(settings: Settings, port: int | None = None) -> str:
+    """Where Flower listens."""
+    host = settings.flower_host
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port or settings.flower_port}"
+
+
+def flower_command(
+    settings: Settings, redis_url: str, port: int | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """Flower's argv and environment (the login travels in the environment, not in `ps`)."""
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        f"--broker={broker_url(redis_url)}",
+        "flower",
+        f"--address={settings.flower_host}",
+        f"--port={port or settings.flower_port}",
+        # Workers that went away leave the list instead of lingering as offline.
+        "--purge_offline_workers=60",
+    ]
+    env = {**os.environ, "FLOWER_BASIC_AUTH": credentials(settings).value}
+    return argv, env
+
+
+def describe(settings: Settings, auth: FlowerAuth, port: int | None = None) -> str:
+    """One line for `sluice up`: Flower's URL and how to log in."""
+    user, password = auth.first
+    if auth.generated:
+        login = f"user {user}, password {password} (generated, kept in {auth.source})"
+    elif auth.source == "SLUICE_FLOWER_BASIC_AUTH":
+        login = "login from SLUICE_FLOWER_BASIC_AUTH"
+    else:
+        login = f"user {user}, password in {auth.source}"
+    return f"Flower at {flower_url(settings, port)} ({login})"
