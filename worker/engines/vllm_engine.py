@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast, get_args
 
 import psutil
@@ -18,14 +19,25 @@ from vllm.config.cache import CacheDType
 from vllm.config.model import ModelDType
 from vllm.exceptions import VLLMClientError
 from vllm.inputs import tokens_input
-from vllm.sampling_params import RequestOutputKind
+from vllm.logprobs import Logprob
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.tokenizers import TokenizerLike, get_tokenizer
 from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from sluice.config import Settings
 from sluice.errors import ConfigError
-from worker.engines.base import Delta, Engine, GenRequest, GenResult, Sampling
+from worker.engines.base import (
+    Choice,
+    Delta,
+    Engine,
+    GenRequest,
+    GenResult,
+    Sampling,
+    TokenLogprob,
+    needs_choices,
+    with_choices,
+)
 
 if TYPE_CHECKING:
     from vllm.entrypoints.chat_utils import ChatCompletionMessageParam
@@ -93,23 +105,61 @@ def engine_args(settings: Settings) -> EngineArgs:
     )
 
 
+def structured_outputs(s: Sampling) -> StructuredOutputsParams | None:
+    """response_format as vLLM's structured outputs (its grammar backend enforces it)."""
+    if s.json_schema is not None:
+        return StructuredOutputsParams(json=s.json_schema)
+    if s.json_object:
+        return StructuredOutputsParams(json_object=True)
+    return None
+
+
 def sampling_params(s: Sampling) -> SamplingParams:
     """vLLM SamplingParams for Sluice sampling; only finished outputs are returned."""
     return SamplingParams(
+        n=s.n,
         max_tokens=s.max_tokens,
         temperature=s.temperature,
         top_p=s.top_p,
+        top_k=s.top_k,
+        min_p=s.min_p,
+        repetition_penalty=s.repetition_penalty,
         stop=list(s.stop) or None,
         seed=s.seed,
         presence_penalty=s.presence_penalty,
         frequency_penalty=s.frequency_penalty,
         ignore_eos=s.ignore_eos,
+        logprobs=s.logprobs,
+        structured_outputs=structured_outputs(s),
         # FINAL_ONLY: step() then skips building a RequestOutput per running request.
         output_kind=RequestOutputKind.FINAL_ONLY,
         # Each request gets its own params object, so vLLM may take it as is: its default
         # deep copy per request was 5% of the worker's CPU in the plumbing benchmark.
         skip_clone=True,
     )
+
+
+def token_logprobs(
+    token_ids: Sequence[int], positions: Sequence[dict[int, Logprob] | None], top: int
+) -> list[TokenLogprob]:
+    """vLLM's per-position logprobs as OpenAI reports them: the chosen token, its logprob
+    and the `top` likeliest tokens by rank (vLLM's dict also holds the chosen one)."""
+    out = []
+    for token_id, position in zip(token_ids, positions, strict=False):
+        chosen = position.get(token_id) if position else None
+        ranked = sorted(
+            (p for p in (position or {}).values() if p.rank is not None and p.rank <= top),
+            key=lambda p: p.rank or 0,
+        )
+        out.append(
+            TokenLogprob(
+                chosen.decoded_token or "" if chosen is not None else "",
+                # -inf does not survive JSON; vLLM's own server clamps the same way.
+                max(chosen.logprob, -9999.0) if chosen is not None else -9999.0,
+                [(p.decoded_token or "", max(p.logprob, -9999.0)) for p in ranked],
+            )
+        )
+    return out
 
 
 class VLLMTokenizer:
@@ -182,6 +232,9 @@ class VLLMEngine(Engine):
         # DELTA outputs, so their final output holds only its last piece.
         self._streams: dict[str, tuple[list[str], list[int]]] = {}
         self._deltas: list[Delta] = []
+        # Requests asking for n > 1 or logprobs (vLLM id -> sampling): their results carry
+        # every choice; the common request skips that work.
+        self._choices: dict[str, Sampling] = {}
         self._closed = False
         self._stop_watch = threading.Event()
         threading.Thread(
@@ -227,6 +280,8 @@ class VLLMEngine(Engine):
             self._done.append(GenResult(request.id, "", "error", len(ids), 0, str(exc)))
             return
         self._live[request_id] = (request.id, len(ids))
+        if needs_choices(request.sampling):
+            self._choices[request_id] = request.sampling
         if request.stream:
             self._streams[request_id] = ([], [0])
 
@@ -239,6 +294,7 @@ class VLLMEngine(Engine):
         self._engine.abort_request(found)
         for request_id in found:
             self._streams.pop(request_id, None)
+            self._choices.pop(request_id, None)
             our_id, prompt_tokens = self._live.pop(request_id)
             self._done.append(GenResult(our_id, "", "abort", prompt_tokens))
 
@@ -264,7 +320,9 @@ class VLLMEngine(Engine):
             if found is None:  # aborted after vLLM produced it
                 continue
             our_id, prompt_tokens = found
-            result = self._result(our_id, prompt_tokens, output)
+            result = self._result(
+                our_id, prompt_tokens, output, self._choices.pop(output.request_id, None)
+            )
             if stream is not None:
                 del self._streams[output.request_id]
                 result.text, result.completion_tokens = "".join(stream[0]), stream[1][0]
@@ -288,18 +346,34 @@ class VLLMEngine(Engine):
         return out
 
     @staticmethod
-    def _result(our_id: int, prompt_tokens: int, output: RequestOutput) -> GenResult:
+    def _result(
+        our_id: int, prompt_tokens: int, output: RequestOutput, sampling: Sampling | None = None
+    ) -> GenResult:
         if output.prompt_token_ids is not None:
             prompt_tokens = len(output.prompt_token_ids)
         if not output.outputs:
             return GenResult(our_id, "", "error", prompt_tokens, 0, "vLLM returned no output")
-        first = output.outputs[0]  # n is always 1: the API rejects n > 1
+        first = output.outputs[0]
         finish = first.finish_reason or "stop"
         # num_cached_tokens: prompt tokens vLLM's prefix cache served (None before scheduling).
-        return GenResult(
+        result = GenResult(
             our_id, first.text, finish, prompt_tokens, len(first.token_ids),
             cached_tokens=output.num_cached_tokens or 0,
         )  # fmt: skip
+        if sampling is None:
+            return result
+        choices = [
+            Choice(
+                c.text,
+                c.finish_reason or "stop",
+                len(c.token_ids),
+                None
+                if sampling.logprobs is None or c.logprobs is None
+                else token_logprobs(c.token_ids, c.logprobs, sampling.logprobs),
+            )
+            for c in sorted(output.outputs, key=lambda c: c.index)
+        ]
+        return with_choices(result, choices)
 
     def close(self, grace: float = CLOSE_GRACE) -> None:
         """Stop vLLM's engine core; never hangs: after `grace` seconds its processes are killed."""
