@@ -35,7 +35,7 @@ from sluice.metrics import (
 )
 from sluice.stack import free_port
 from sluice.store.stats import QueueCount
-from tests.e2e.conftest import Running, start_stack
+from tests.e2e.conftest import BACKENDS, Running, start_stack
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "docs" / "grafana-dashboard.json"
@@ -62,16 +62,20 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
 
 
-@pytest.fixture(scope="module")
-def sim_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Running, str]]:
-    """API + a sim worker serving /metrics on its own port (SQLite, embedded Redis)."""
+@pytest.fixture(scope="module", params=BACKENDS)
+def sim_stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Running, str]]:
+    """API + a sim worker serving /metrics on its own port (SQLite and embedded Redis; also
+    PostgreSQL and Redis when the environment names them)."""
     port = free_port()
     env = {
         "SLUICE_ENGINE": "sim",
         "SLUICE_MAX_NUM_SEQS": "32",
         "SLUICE_WORKER_METRICS_PORT": str(port),
     }
-    for running in start_stack("sqlite", tmp_path_factory.mktemp("metrics"), **env):
+    backend = str(request.param)
+    for running in start_stack(backend, tmp_path_factory.mktemp(f"metrics-{backend}"), **env):
         # The local admin key, where the stack has one (API keys): /metrics itself is public.
         running.http.headers.update(getattr(running.stack, "auth_headers", {}))
         yield running, f"http://127.0.0.1:{port}/metrics"
