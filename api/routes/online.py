@@ -229,10 +229,11 @@ async def _relay(
     last = b"0-0"
     ended = False
     try:
-        first = chunks.first()
-        if first is not None:
-            yield first
+        # Counted as waiting from the start (SLUICE_MAX_LONG_POLLS bounds streams too).
         with state.listener.waiting(job_id) as waiter:
+            first = chunks.first()
+            if first is not None:
+                yield first
             deadline = anyio.current_time() + settings.online_timeout
             while True:
                 left = deadline - anyio.current_time()

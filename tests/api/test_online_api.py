@@ -10,10 +10,13 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
+import httpx
 import pytest
+from sqlalchemy import select
 
 from api.routes.online import _Relay
 from sluice.deltas import stream_key
+from sluice.models import requests
 from sluice.store import work
 from sluice.store.work import Result
 from tests.api.helpers import Api
@@ -173,3 +176,35 @@ def test_a_full_queue_answers_429_with_retry_after(
         assert response.status_code == 429, response.text
         assert response.headers["Retry-After"] == str(api.settings.retry_after_seconds)
         assert response.json()["error"]["code"] == "queue_full"
+
+
+def test_a_client_that_gives_up_waiting_cancels_its_request(online: Api) -> None:
+    body = {"model": online.model, "messages": MESSAGES}
+    with (
+        httpx.Client(base_url=online.url, timeout=1.0, headers=online.http.headers) as http,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        http.post("/v1/chat/completions", json=body)
+    # Nobody runs it here: the API notices the closed connection within a second and cancels.
+    deadline = time.monotonic() + 10
+    with online.db.read() as conn:
+        latest = conn.execute(select(requests.c.batch_id).order_by(requests.c.id.desc())).first()
+    assert latest is not None
+    while (job := online.http.get(f"/v1/jobs/{latest[0]}").json())["status"] != "cancelled":
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+
+
+def test_too_many_waiting_answers_429(
+    start_api: Callable[..., AbstractContextManager[Api]],
+) -> None:
+    with start_api(max_long_polls=1, online_timeout=20) as api:
+        body = {"model": api.model, "messages": MESSAGES, "stream": True}
+        with api.http.stream("POST", "/v1/chat/completions", json=body) as held:
+            assert held.status_code == 200
+            lines = held.iter_lines()  # kept: a dropped iterator closes the connection
+            next(lines)  # the stream is open and waiting
+            second = api.http.post("/v1/chat/completions", json=body)
+            assert second.status_code == 429, second.text
+            assert second.headers["Retry-After"] == str(api.settings.retry_after_seconds)
+            assert second.json()["error"]["code"] == "too_many_waiting"
