@@ -221,6 +221,8 @@ class ApiKey(Base):
     rpm_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
     queued_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
     bytes_limit: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Where this key's jobs and batches send their events when they name no webhook_url.
+    webhook_url: Mapped[str | None] = mapped_column(String(2048), nullable=True)
 
 
 class WebhookDelivery(Base):

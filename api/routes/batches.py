@@ -24,7 +24,7 @@ from api.deps import (
 from api.docs import COMMON, ERRORS, SUBMIT_ERRORS
 from api.errors import ApiError
 from api.publish import publish_cancel, publish_created
-from api.routes.deliveries import WEBHOOK_URL_DOC, check_webhook_url
+from api.routes.deliveries import WEBHOOK_URL_DOC, KeyWebhookDep, webhook_for
 from api.streams import primed
 from sluice.aliases import aliases
 from sluice.db import Database
@@ -121,6 +121,7 @@ async def create(
     db: DbDep,
     celery: CeleryDep,
     owner: OwnerDep,
+    key_webhook: KeyWebhookDep,
     caller: CallerDep,
 ) -> dict[str, Any]:
     """Check the input file and queue its lines; a file with bad lines gives a failed batch."""
@@ -134,7 +135,7 @@ async def create(
         )  # fmt: skip
     window_seconds(batch.completion_window, settings.max_completion_window)
     _check_metadata(batch.metadata)
-    webhook_url = check_webhook_url(batch.webhook_url, settings)
+    webhook_url = webhook_for(batch.webhook_url, key_webhook, settings)
     await state.gauge.admit()
     if caller.key is not None and caller.key.queued_limit is not None:
         await check_queued(state, caller, await _line_count(db, batch.input_file_id, owner))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import anyio
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from api.deps import DbDep, OwnerDep, ResourceId
+from api.auth import CallerDep
+from api.deps import DbDep, ResourceId, ScopeDep
 from api.docs import ERRORS
 from sluice.config import Settings
 from sluice.db import Database
@@ -24,6 +25,22 @@ WEBHOOK_URL_DOC = (
     "Sluice extension: an http(s) URL that receives a signed event (Standard Webhooks) when "
     "this ends. Addresses must be public unless SLUICE_WEBHOOK_ALLOWLIST trusts them."
 )
+
+
+def key_webhook(caller: CallerDep) -> str | None:
+    """The default webhook URL of the caller's key (`sluice keys create --webhook-url`)."""
+    return caller.key.webhook_url if caller.key is not None else None
+
+
+KeyWebhookDep = Annotated[str | None, Depends(key_webhook)]
+
+
+def webhook_for(url: str | None, key_default: str | None, settings: Settings) -> str | None:
+    """The URL a submit's events go to: its own webhook_url (checked), else its key's."""
+    if url is not None:
+        return check_webhook_url(url, settings)
+    # A key's default was checked when the key was made; without a secret nothing is sent.
+    return key_default if settings.webhook_keys else None
 
 
 def check_webhook_url(url: str | None, settings: Settings) -> str | None:
@@ -78,8 +95,9 @@ class DeliveryList(BaseModel):
     data: list[DeliveryOut]
 
 
-def _log(db: Database, object_id: str, owner: str, kind: str) -> DeliveryList:
-    get_batch(db, object_id, owner, kind=kind)  # 404 for a missing or another owner's
+def _log(db: Database, object_id: str, owner: str | None, kind: str) -> DeliveryList:
+    # 404 for a missing or another owner's (owner None: an admin key, which sees all).
+    get_batch(db, object_id, owner, kind=kind)
     out = []
     for d, attempts in deliveries_of(db, object_id):
         out.append(
@@ -113,12 +131,12 @@ def _log(db: Database, object_id: str, owner: str, kind: str) -> DeliveryList:
 
 
 @router.get("/v1/jobs/{job_id}/deliveries", responses=ERRORS)
-async def job_deliveries(job_id: ResourceId, db: DbDep, owner: OwnerDep) -> DeliveryList:
+async def job_deliveries(job_id: ResourceId, db: DbDep, owner: ScopeDep) -> DeliveryList:
     """The job's webhook deliveries and their attempts (the delivery log)."""
     return await anyio.to_thread.run_sync(_log, db, job_id, owner, "job")
 
 
 @router.get("/v1/batches/{batch_id}/deliveries", responses=ERRORS)
-async def batch_deliveries(batch_id: ResourceId, db: DbDep, owner: OwnerDep) -> DeliveryList:
+async def batch_deliveries(batch_id: ResourceId, db: DbDep, owner: ScopeDep) -> DeliveryList:
     """The batch's webhook deliveries and their attempts (the delivery log)."""
     return await anyio.to_thread.run_sync(_log, db, batch_id, owner, "batch")

@@ -17,7 +17,7 @@ from api.docs import ERRORS, SUBMIT_ERRORS
 from api.errors import ApiError
 from api.listener import DoneListener
 from api.publish import publish_cancel, publish_created
-from api.routes.deliveries import WEBHOOK_URL_DOC, check_webhook_url
+from api.routes.deliveries import WEBHOOK_URL_DOC, KeyWebhookDep, webhook_for
 from sluice.aliases import known_models, resolve_model
 from sluice.config import Settings
 from sluice.db import Database
@@ -172,12 +172,13 @@ async def submit_job(
     db: DbDep,
     celery: CeleryDep,
     owner: OwnerDep,
+    key_webhook: KeyWebhookDep,
     caller: CallerDep,
 ) -> JSONResponse:
     """Queue one prompt; 202 with the job and a Location to poll."""
     settings = state.settings
     endpoint, body = _check(job, settings)
-    webhook_url = check_webhook_url(job.webhook_url, settings)
+    webhook_url = webhook_for(job.webhook_url, key_webhook, settings)
     await state.gauge.admit()
     await check_queued(state, caller, 1)
     created = await anyio.to_thread.run_sync(

@@ -35,6 +35,7 @@ class KeyInfo:
     rpm_limit: int | None
     queued_limit: int | None
     bytes_limit: int | None
+    webhook_url: str | None = None  # the default webhook endpoint of its jobs and batches
 
 
 def hash_key(key: str) -> str:
@@ -58,6 +59,7 @@ def create_key(
     rpm_limit: int | None = None,
     queued_limit: int | None = None,
     bytes_limit: int | None = None,
+    webhook_url: str | None = None,
 ) -> tuple[str, KeyInfo]:
     """Store a new key; returns (the key itself, shown only now; its info)."""
     if not OWNER_PATTERN.match(owner):
@@ -82,6 +84,7 @@ def create_key(
         rpm_limit=rpm_limit,
         queued_limit=queued_limit,
         bytes_limit=bytes_limit,
+        webhook_url=webhook_url,
     )
     with db.write() as conn:
         conn.execute(
@@ -102,6 +105,7 @@ def _info(row: RowMapping) -> KeyInfo:
         rpm_limit=row["rpm_limit"],
         queued_limit=row["queued_limit"],
         bytes_limit=row["bytes_limit"],
+        webhook_url=row["webhook_url"],
     )
 
 

@@ -3,11 +3,13 @@ and another owner's 404 on them: the real API over HTTP, a real sender, real rec
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import select, update
 from standardwebhooks import Webhook
@@ -98,6 +100,9 @@ def create_batch(api: Api, lines: list[dict[str, Any]], **extra: Any) -> Any:
         "http://[::ffff:192.168.0.1]/hook",
         "http://user:pw@example.com/hook",
         "not a url",
+        "http://ex ample.com/hook",
+        "http://example.com:99999/hook",
+        "http://[fe80::1%25eth0]/hook",
         "https://example.com/" + "x" * 3000,
     ],
 )
@@ -158,3 +163,47 @@ def test_batch_failed_cancelled_and_expired_events(api: Api, rec: Receiver) -> N
     # A batch without webhook_url has no deliveries (and says so with an empty list).
     quiet = create_batch(api, [batch_line("q", "no-such-model")]).json()
     assert api.http.get(f"/v1/batches/{quiet['id']}/deliveries", headers=H).json()["data"] == []
+
+
+def test_another_owner_gets_404_on_a_delivery_log(start_api: StartApi, rec: Receiver) -> None:
+    from sluice.store.keys import create_key
+
+    with start_api(auth="on", **HOOKS) as keyed:
+        mine, _ = create_key(keyed.db, owner="team-a")
+        theirs, _ = create_key(keyed.db, owner="team-b")
+        body = {"model": keyed.model, "prompt": "hi", "max_tokens": 2, "webhook_url": rec.url}
+        r = keyed.http.post("/v1/jobs", json=body, headers={"Authorization": f"Bearer {mine}"})
+        assert r.status_code == 202, r.text
+        path = f"/v1/jobs/{r.json()['id']}/deliveries"
+        assert keyed.http.get(path, headers={"Authorization": f"Bearer {mine}"}).status_code == 200
+        other = keyed.http.get(path, headers={"Authorization": f"Bearer {theirs}"})
+        assert other.status_code == 404, other.text
+        # The fixture's client holds a key of owner "default": another owner too.
+        assert keyed.http.get(path).status_code == 404
+        assert httpx.get(f"{keyed.url}{path}").status_code == 401
+        admin, _ = create_key(keyed.db, owner="ops", admin=True)
+        seen = keyed.http.get(path, headers={"Authorization": f"Bearer {admin}"})
+        assert seen.status_code == 200, seen.text
+
+
+def test_a_keys_default_endpoint_gets_its_events(start_api: StartApi, rec: Receiver) -> None:
+    from sluice.store.keys import create_key
+
+    with receiver() as other, start_api(auth="on", **HOOKS) as keyed:
+        sender = Sender(keyed.settings, keyed.db, owner="key-default")
+        sender.start()
+        try:
+            key, _ = create_key(keyed.db, owner="team-c", webhook_url=rec.url)
+            auth = {"Authorization": f"Bearer {key}"}
+            body = {"model": keyed.model, "prompt": "hi", "max_tokens": 2}
+            plain = keyed.http.post("/v1/jobs", json=body, headers=auth).json()["id"]
+            own = {**body, "webhook_url": other.url}
+            named = keyed.http.post("/v1/jobs", json=own, headers=auth).json()["id"]
+            for job_id in (plain, named):
+                run_job(keyed, job_id)
+            [to_default] = rec.wait_calls(1)
+            [to_named] = other.wait_calls(1)
+        finally:
+            sender.stop()
+    assert json.loads(to_default.body)["data"]["id"] == plain
+    assert json.loads(to_named.body)["data"]["id"] == named
