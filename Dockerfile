@@ -29,9 +29,9 @@ COPY sluice ./sluice
 COPY api ./api
 COPY worker ./worker
 COPY migrations ./migrations
-# Editable, so migrations/ stays beside the sluice package where `sluice db upgrade`
+# A plain (not editable) install: the wheel carries migrations/, where `sluice db upgrade`
 # finds it (sluice/migrate.py); dependencies are already in place.
-RUN pip install --no-deps -e . && mkdir -p /data /cache/huggingface \
+RUN pip install --no-deps . && rm -rf build *.egg-info && mkdir -p /data /cache/huggingface \
     && useradd --system --uid 10001 --home-dir /data sluice \
     && chown -R sluice /data /cache
 # Not root: the services need only their data and cache directories.

@@ -10,7 +10,7 @@ import anyio
 from fastapi import Depends, FastAPI
 
 from api import metrics
-from api.auth import authenticate
+from api.auth import authenticate, document_public_paths
 from api.backpressure import QueueGauge
 from api.deps import AppState
 from api.docs import AUTH_ERRORS
@@ -83,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_guard(app, settings)
     # Outermost: a foreign Host or a credential-less state change is refused first.
     install_hygiene(app, settings)
+    document_public_paths(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(files.router)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
-from fastapi import Depends, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis.exceptions import RedisError
 
@@ -181,3 +181,23 @@ async def check_stored(state: AppState, caller: Caller, adding: int) -> None:
             "storage_limit_exceeded",
             state.settings.retry_after_seconds,
         )
+
+
+def document_public_paths(app: FastAPI) -> None:
+    """The OpenAPI schema says PUBLIC_PATHS need no key (the app-level scheme says all do)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        for path, item in schema.get("paths", {}).items():
+            if path not in PUBLIC_PATHS:
+                continue
+            for operation in item.values():
+                operation["security"] = []
+                operation.get("responses", {}).pop("401", None)
+                operation.get("responses", {}).pop("429", None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -120,6 +120,19 @@ def cmd_flower(_args: argparse.Namespace, settings: Settings) -> int:
     os.execve(argv[0], argv, env)
 
 
+def cmd_healthcheck(args: argparse.Namespace, settings: Settings) -> int:
+    """Exit 0 when this host's worker is alive (for container health checks)."""
+    from sluice.healthcheck import worker_alive
+    from sluice.redis_server import ensure_redis
+
+    why = worker_alive(settings, ensure_redis(settings, detach=True).url)
+    if why:
+        print(f"unhealthy: {why}", file=sys.stderr)
+        return 1
+    print("healthy")
+    return 0
+
+
 def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     """Serve the HTTP API."""
     import uvicorn
@@ -367,6 +380,9 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     sub.add_parser("webhooks", help="deliver webhook events (signed, retried)").set_defaults(
         fn=cmd_webhooks
     )
+    h = sub.add_parser("healthcheck", help="exit 0 if this host's worker is alive")
+    h.add_argument("service", choices=["worker"])
+    h.set_defaults(fn=cmd_healthcheck)
     s = sub.add_parser("worker", help="run a worker (one engine, one GPU)")
     s.add_argument("--loglevel", default="INFO")
     s.set_defaults(fn=cmd_worker)

@@ -92,7 +92,8 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(256, ge=1)
     max_model_len: int = Field(8192, ge=16)
     max_num_batched_tokens: int | None = Field(None, ge=16)
-    quantization: str | None = "awq_marlin"
+    # None: vLLM reads the checkpoint's own method (AWQ INT4 -> awq_marlin where supported).
+    quantization: str | None = None
     dtype: str = "auto"
     gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
     enable_prefix_caching: bool = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,14 +26,27 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 PG_LOCK_KEY = 0x736C7569_63654D47
 
 
+def _is_ours(path: Path) -> bool:
+    return (path / "env.py").is_file() and (path / "script.py.mako").is_file()
+
+
 def migrations_dir() -> Path:
-    """The Alembic script directory, or a ConfigError saying why it is missing."""
-    if not (MIGRATIONS_DIR / "env.py").is_file():
-        raise ConfigError(
-            f"Alembic migrations not found at {MIGRATIONS_DIR}: install Sluice from a source "
-            "checkout (pip install -e .) so migrations/ sits beside the sluice package"
-        )
-    return MIGRATIONS_DIR
+    """The Alembic script directory, or a ConfigError saying why it is missing.
+
+    Beside the sluice package in a source checkout or an editable install; in a wheel
+    install, the "migrations" package the wheel carries (another project's package of that
+    name has no env.py and script.py.mako, so it is passed over).
+    """
+    if _is_ours(MIGRATIONS_DIR):
+        return MIGRATIONS_DIR
+    spec = importlib.util.find_spec("migrations")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if _is_ours(Path(location)):
+            return Path(location)
+    raise ConfigError(
+        f"Alembic migrations not found (neither at {MIGRATIONS_DIR} nor as the installed "
+        "'migrations' package): reinstall Sluice (pip install .)"
+    )
 
 
 def sqlalchemy_url(database_url: str) -> str:

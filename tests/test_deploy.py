@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from compose_spec import PyCompose
 
 from sluice.config import load_settings
 from sluice.db import Database
@@ -117,8 +120,11 @@ def test_compose_services_run_natively(env: dict[str, Any], tmp_path: Path) -> N
         assert job.status_code == 202, job.text
         done = api.get(f"/v1/jobs/{job.json()['id']}", params={"wait": 30}).json()
         assert done["status"] == "succeeded" and done["output"] == "compose says hi"
+        # Each service's own compose health check, run natively, passes.
+        ports = {"8000": str(api_port), "5555": str(flower_port)}
+        for service in ("api", "worker", "flower"):
+            _wait_healthy(service, ports, _service_env(service, env, None))
         flower = httpx.Client(base_url=f"http://127.0.0.1:{flower_port}", timeout=10)
-        _wait_http(flower, "/healthcheck")
         # Never open: refused without the login, served with it.
         assert flower.get("/api/workers").status_code == 401
         assert flower.get("/api/workers", auth=("ops", "s3cret")).status_code == 200
@@ -143,7 +149,64 @@ def _service_env(service: str, env: dict[str, Any], port: int | None) -> dict[st
             SLUICE_FLOWER_PORT=str(port),
             SLUICE_FLOWER_BASIC_AUTH="ops:s3cret",
         )
-    return out
+    return {k: _interpolate(v) for k, v in out.items()}
+
+
+def _interpolate(value: str) -> str:
+    """Compose's ${VAR:-default} and ${VAR-default} with nothing set: the default."""
+    return re.sub(r"\$\{[A-Z_]+:?-([^}]*)\}", r"\1", value)
+
+
+def _health_command(service: str, ports: dict[str, str]) -> list[str]:
+    """The service's compose health check as a native command (host ports for its own)."""
+    test = COMPOSE["services"][service]["healthcheck"]["test"]
+    assert test[0] == "CMD", test
+    exe = {"python": [sys.executable], "sluice": [sys.executable, "-m", "sluice.cli"]}[test[1]]
+    args = []
+    for arg in test[2:]:
+        for compose_port, port in ports.items():
+            arg = arg.replace(f":{compose_port}/", f":{port}/")
+        args.append(arg)
+    return exe + args
+
+
+def _wait_healthy(service: str, ports: dict[str, str], env: dict[str, str]) -> None:
+    cmd = _health_command(service, ports)
+    deadline = time.monotonic() + 60
+    while True:
+        check = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30)
+        if check.returncode == 0:
+            return
+        assert time.monotonic() < deadline, f"{service} never healthy: {check.stderr[-500:]}"
+        time.sleep(0.5)
+
+
+def test_compose_file_follows_the_compose_spec() -> None:
+    # The compose_spec parser (Rust, strict: unknown keys, bad durations and enum values
+    # fail) and its models generated from the Compose Specification's JSON schema. YAML
+    # merge keys (<<) are resolved first, as Compose resolves them.
+    spec = PyCompose.from_json(json.dumps(COMPOSE)).to_spec()
+    services = spec.services or {}
+    # Every long-running service says when it is healthy; migrate runs once and exits.
+    for name, service in COMPOSE["services"].items():
+        if name not in ("migrate", "webhooks"):
+            assert "healthcheck" in service, name
+            assert services[name].healthcheck is not None
+    worker = COMPOSE["services"]["worker"]["environment"]
+    assert "Meta-Llama-3.1-8B-Instruct-AWQ-INT4" in worker["SLUICE_MODEL"]
+    # Quantization on the worker only: nothing shared pins it, so a model change is one line.
+    assert "SLUICE_QUANTIZATION" in worker
+    assert "SLUICE_QUANTIZATION" not in COMPOSE["x-sluice-env"]
+    assert load_settings().quantization is None
+    # Flower: loopback on the host, a login always.
+    flower = COMPOSE["services"]["flower"]
+    assert flower["ports"] == ["127.0.0.1:5555:5555"]
+    assert flower["command"] == ["sluice", "flower"]
+    for bad in ({"healthchek": {}}, {"restart": 7}):
+        broken = json.loads(json.dumps(COMPOSE))
+        broken["services"]["api"].update(bad)
+        with pytest.raises(ValueError):
+            PyCompose.from_json(json.dumps(broken)).to_spec()
 
 
 def _wait_http(client: httpx.Client, path: str, timeout: float = 60) -> None:
