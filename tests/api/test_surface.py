@@ -6,6 +6,9 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
+import pytest
+
+from sluice.capabilities import CAPABILITIES, OPTIONAL
 from tests.api.helpers import Api, batch_line, error_of, jsonl
 
 JSON_OBJECT = {"type": "json_object"}
@@ -76,3 +79,35 @@ def test_sim_engine_refuses_n_and_logprobs(
             assert bad.status_code == 400, bad.text
             assert error_of(bad)["param"] == param
         assert job(sim, top_k=3, presence_penalty=0.4).status_code == 202
+
+
+# One use of each optional field in a completions job.
+JOB_CASES: dict[str, dict[str, Any]] = {
+    "n": {"n": 2},
+    "seed": {"seed": 1},
+    "top_k": {"top_k": 3},
+    "min_p": {"min_p": 0.2},
+    "repetition_penalty": {"repetition_penalty": 1.2},
+    "presence_penalty": {"presence_penalty": 0.3},
+    "frequency_penalty": {"frequency_penalty": 0.3},
+    "logprobs": {"logprobs": 2},
+    "response_format": {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object"}, "strict": True}}},
+    "ignore_eos": {"ignore_eos": True},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("engine", sorted(CAPABILITIES))
+def test_every_optional_field_per_engine_over_http(
+    start_api: Callable[..., AbstractContextManager[Api]], engine: str
+) -> None:
+    assert set(JOB_CASES) == OPTIONAL
+    with start_api(engine=engine) as running:
+        for field, fields in JOB_CASES.items():
+            answer = job(running, **fields)
+            if field in CAPABILITIES[engine]:
+                assert answer.status_code == 202, (field, answer.text)
+            else:
+                assert answer.status_code == 400, (field, answer.text)
+                err = error_of(answer)
+                assert (err["param"], err["code"]) == (field, "unsupported_parameter")

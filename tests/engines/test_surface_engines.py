@@ -116,3 +116,23 @@ def test_hf_n_sampled_and_greedy(hf: Engine) -> None:
     assert len({c.text for c in sampled}) > 1  # three samples, not one copied
     assert out[1].completion_tokens == sum(c.completion_tokens for c in sampled)
     assert greedy is not None and len(greedy) == 2 and greedy[0].text == greedy[1].text
+
+
+def test_worker_refuses_what_its_engine_cannot_honour() -> None:
+    # An API configured for another engine accepted it: the worker's own check fails this
+    # request alone, naming the field, rather than running it without.
+    import json
+
+    from sluice.errors import RequestRejected
+    from sluice.sampling import CHAT
+    from sluice.store.work import Claimed
+    from worker.prepare import to_gen_request
+
+    sim = load_engine(load_settings(engine="sim"))
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 2}
+    with pytest.raises(RequestRejected) as caught:
+        to_gen_request(Claimed(1, "b", CHAT, 1, 1, 0, json.dumps(body), False), sim)
+    assert caught.value.code == "unsupported_parameter" and "n " in caught.value.message
+    echo = load_engine(load_settings(engine="echo"))
+    ready = to_gen_request(Claimed(2, "b", CHAT, 1, 1, 0, json.dumps(body), False), echo)
+    assert ready.sampling.n == 2
