@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import ssl
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -163,11 +164,14 @@ class SafeTransport(httpx.BaseTransport):
     """An httpx transport that dials only checked addresses, and only http(s)."""
 
     def __init__(
-        self, allowlist: Sequence[Network] = (), resolver: Resolver = system_resolver
+        self,
+        allowlist: Sequence[Network] = (),
+        resolver: Resolver = system_resolver,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         self.allowlist = list(allowlist)
         self.resolver = resolver
-        self.inner = httpx.HTTPTransport(retries=0)
+        self.inner = httpx.HTTPTransport(retries=0, verify=verify)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         """Resolve and check the host, then send to the checked address."""
@@ -197,11 +201,14 @@ class SafeTransport(httpx.BaseTransport):
 
 
 def safe_client(
-    allowlist: Sequence[Network], timeout: float, resolver: Resolver = system_resolver
+    allowlist: Sequence[Network],
+    timeout: float,
+    resolver: Resolver = system_resolver,
+    verify: ssl.SSLContext | bool = True,
 ) -> httpx.Client:
     """A client for webhook calls: no redirects, no proxies from the environment."""
     return httpx.Client(
-        transport=SafeTransport(allowlist, resolver),
+        transport=SafeTransport(allowlist, resolver, verify),
         follow_redirects=False,
         trust_env=False,  # a proxy would connect on our behalf, past every check
         timeout=httpx.Timeout(timeout),

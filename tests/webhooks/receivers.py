@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -49,7 +50,9 @@ class Receiver:
 
 @contextmanager
 def receiver(
-    script: Callable[[int], Answer] | None = None, host: str = "127.0.0.1"
+    script: Callable[[int], Answer] | None = None,
+    host: str = "127.0.0.1",
+    tls: ssl.SSLContext | None = None,
 ) -> Iterator[Receiver]:
     """Serve on a free port of host until the block ends."""
     calls: list[Call] = []
@@ -80,7 +83,11 @@ def receiver(
 
     server = ThreadingHTTPServer((host, 0), Handler)
     server.daemon_threads = True
-    rec.url = f"http://{host}:{server.server_address[1]}/hook"
+    scheme = "http"
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+        scheme = "https"
+    rec.url = f"{scheme}://{host}:{server.server_address[1]}/hook"
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+import shutil
+import ssl
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -143,3 +147,37 @@ def test_dns_rebinding_dials_the_checked_address(target: Receiver) -> None:
         client.post(f"http://rebind.test:{port}/hook", content=b"{}")
     assert asked == ["rebind.test"]
     assert target.calls == []
+
+
+def _cert(tmp: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for `name` (openssl's CLI; the test skips without it)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command")
+    cert, key = tmp / f"{name}.crt", tmp / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}",
+         "-addext", f"subjectAltName=DNS:{name}"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.mark.parametrize("served_name", ["hooks.test", "other.test"])
+def test_https_to_a_pinned_address_verifies_the_name(tmp_path: Path, served_name: str) -> None:
+    """Dialled by address, TLS still checks the certificate against the URL's name (SNI)."""
+    cert, key = _cert(tmp_path, served_name)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    trust = ssl.create_default_context(cafile=str(cert))
+    names = lambda host, _port: ["127.0.0.1"] if host == "hooks.test" else []  # noqa: E731
+    with receiver(tls=server_tls) as rec:
+        url = f"https://hooks.test:{httpx.URL(rec.url).port}/hook"
+        with safe_client(parse_allowlist("127.0.0.1"), 5, names, verify=trust) as client:
+            if served_name == "hooks.test":
+                assert client.post(url, content=b"{}").status_code == 200
+                assert rec.calls[0].headers["host"].startswith("hooks.test:")
+            else:  # a certificate for another name is refused, address or not
+                with pytest.raises(httpx.ConnectError):
+                    client.post(url, content=b"{}")
+                assert rec.calls == []
