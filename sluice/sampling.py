@@ -438,6 +438,14 @@ def parse_sampling(
     if ignore_eos:
         check.need("ignore_eos")
     json_object, json_schema = _response_format(check)
+    logprobs = _logprobs(check, endpoint)
+    if logprobs is not None and body.get("stream"):
+        # Streamed chunks carry text only; logprobs would be silently dropped.
+        raise InvalidInput(
+            "logprobs is not supported with stream: true (send stream: false)",
+            param="logprobs",
+            code="unsupported_parameter",
+        )
     return Sampling(
         max_tokens=_max_tokens(body, max_tokens_limit),
         temperature=check.number("temperature", 1.0, 0.0, 2.0),
@@ -451,7 +459,7 @@ def parse_sampling(
         top_k=max(0, top_k),
         min_p=min_p,
         repetition_penalty=repetition,
-        logprobs=_logprobs(check, endpoint),
+        logprobs=logprobs,
         json_object=json_object,
         json_schema=json_schema,
     )

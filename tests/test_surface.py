@@ -195,3 +195,10 @@ def test_stream_only_where_allowed() -> None:
     assert refused(CHAT, chat(stream=True)).param == "stream"
     opts = {"stream": True, "stream_options": {"include_usage": True}}
     assert parse_body(CHAT, chat(**opts), allow_stream=True).sampling == Sampling()
+
+
+def test_logprobs_are_not_streamed() -> None:
+    fields = {"stream": True, "logprobs": True}
+    with pytest.raises(InvalidInput) as caught:
+        parse_body(CHAT, chat(**fields), allow_stream=True, engine="vllm")
+    assert caught.value.param == "logprobs"

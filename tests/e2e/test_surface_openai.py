@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from openai import BadRequestError, OpenAI
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
@@ -82,3 +83,26 @@ def test_responses_endpoint_in_a_batch_file(sluice: Running) -> None:
     assert cut.status == "incomplete" and cut.incomplete_details is not None
     assert cut.incomplete_details.reason == "max_output_tokens"
     assert cut.output_text == "<|user|> red"
+
+
+def test_online_chat_n_logprobs_and_refusals_with_the_openai_client(sluice: Running) -> None:
+    key = (sluice.stack.auth_headers.get("Authorization") or "Bearer sk-local").split()[-1]
+    client = OpenAI(base_url=f"{sluice.stack.url}/v1", api_key=key, max_retries=0)
+    msgs: Any = [{"role": "user", "content": "one two"}]
+    done = client.chat.completions.create(
+        model=MODEL, messages=msgs, n=2, logprobs=True, top_logprobs=1, max_tokens=2
+    )
+    ChatCompletion.model_validate(done.model_dump())
+    assert [c.index for c in done.choices] == [0, 1]
+    first = done.choices[0].logprobs
+    assert first is not None and first.content is not None
+    assert [t.token for t in first.content] == ["<|user|>", " one"]
+    assert done.usage is not None and done.usage.completion_tokens == 4
+    with pytest.raises(BadRequestError) as refused:
+        client.chat.completions.create(
+            model=MODEL, messages=msgs, response_format={"type": "json_object"}
+        )
+    assert refused.value.param == "response_format"
+    with pytest.raises(BadRequestError) as streamed:
+        client.chat.completions.create(model=MODEL, messages=msgs, stream=True, logprobs=True)
+    assert streamed.value.param == "logprobs"
