@@ -175,6 +175,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        multiproc = self.prometheus_multiproc_dir
+        if multiproc is not None and not multiproc.is_dir():
+            # prometheus_client would fail on the first counter, far from the cause.
+            raise ValueError(f"PROMETHEUS_MULTIPROC_DIR={multiproc} is not a directory")
         if self.database_url is not None and not re.match(
             r"^(sqlite|postgresql)(\+\w+)?://", self.database_url
         ):

@@ -19,6 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.metrics import Snapshot, SnapshotCollector
 from api.workers import WorkerView
+from sluice.config import load_settings
+from sluice.errors import ConfigError
 from sluice.metrics import (
     CACHED_TOKENS,
     ENGINE_TIME,
@@ -220,6 +222,12 @@ def test_multiprocess_mode_adds_processes_up(tmp_path: Path) -> None:
     }
     assert samples[("sluice_webhook_deliveries_total", "delivered")] == 6
     assert samples[("sluice_webhook_deliveries_total", "failed")] == 2
+
+
+def test_a_missing_multiproc_dir_fails_at_start(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"PROMETHEUS_MULTIPROC_DIR=.* is not a directory"):
+        load_settings(prometheus_multiproc_dir=tmp_path / "missing")
+    assert load_settings(prometheus_multiproc_dir=tmp_path).prometheus_multiproc_dir == tmp_path
 
 
 def _known_metrics() -> set[str]:
