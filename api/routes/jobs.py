@@ -108,8 +108,7 @@ def check_body(body: dict[str, Any], settings: Settings) -> tuple[str, dict[str,
     if served is None:
         raise ApiError(
             404,
-            f"model {model!r} is not served here (available: "
-            f"{', '.join(known_models(settings))})",
+            f"model {model!r} is not served here (available: {', '.join(known_models(settings))})",
             code="model_not_found",
             param="model",
         )

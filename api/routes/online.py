@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from redis.exceptions import RedisError
 from sqlalchemy.engine import RowMapping
 
+from api.auth import CallerDep, check_queued
 from api.deps import OwnerDep, StateDep
 from api.docs import SUBMIT_ERRORS
 from api.errors import ApiError
@@ -331,15 +332,17 @@ async def _serve(
 
 @router.post("/chat/completions", responses=SUBMIT_ERRORS, response_model=None)
 async def chat_completions(
-    body: OnlineBody, request: Request, state: StateDep, owner: OwnerDep
+    body: OnlineBody, request: Request, state: StateDep, owner: OwnerDep, caller: CallerDep
 ) -> Response:
     """OpenAI chat completion: the chat.completion object, or its chunks as SSE (stream)."""
+    await check_queued(state, caller, 1)  # the key's max_queued (api/auth.py)
     return await _serve(CHAT, body, request, state, owner)
 
 
 @router.post("/completions", responses=SUBMIT_ERRORS, response_model=None)
 async def completions(
-    body: OnlineBody, request: Request, state: StateDep, owner: OwnerDep
+    body: OnlineBody, request: Request, state: StateDep, owner: OwnerDep, caller: CallerDep
 ) -> Response:
     """OpenAI text completion: the text_completion object, or its chunks as SSE (stream)."""
+    await check_queued(state, caller, 1)  # the key's max_queued (api/auth.py)
     return await _serve(COMPLETIONS, body, request, state, owner)

@@ -95,6 +95,13 @@ def test_queued_limit_refuses_jobs_and_batches_with_429(api: Api) -> None:
         over = _batch(http, file_id.json()["id"])
         assert over.status_code == 429 and over.json()["error"]["code"] == "queued_limit_exceeded"
         assert len(http.get("/v1/batches").json()["data"]) == before
+        # Online requests count too (they are jobs): refused before they are queued.
+        online = http.post(
+            "/v1/chat/completions",
+            json={"model": api.model, "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert online.status_code == 429, online.text
+        assert online.json()["error"]["code"] == "queued_limit_exceeded"
     # Another owner is not limited by it.
     assert api.http.post("/v1/jobs", json={"prompt": "free"}).status_code == 202
 
