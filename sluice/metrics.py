@@ -17,7 +17,6 @@ import importlib
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -81,22 +80,19 @@ WRITER_LAG = Histogram(
 )
 WEBHOOK_DELIVERIES = Counter(
     "sluice_webhook_deliveries",
-    "Webhook delivery attempts by outcome (delivered, failed, abandoned).",
+    "Webhook delivery attempts by outcome (sluice.store.deliveries.Outcome: succeeded, "
+    "retrying, failed, disabled).",
     ["outcome"],
 )
 
 
-class WebhookOutcome(StrEnum):
-    """How one webhook delivery attempt ended (the `outcome` label)."""
+def count_webhook(outcome: str) -> None:
+    """Count one webhook delivery attempt by its outcome (sluice_webhook_deliveries_total).
 
-    DELIVERED = "delivered"  # the receiver answered 2xx
-    FAILED = "failed"  # an error or non-2xx; it will be retried
-    ABANDONED = "abandoned"  # failed, and the retry window is over: no more attempts
-
-
-def count_webhook(outcome: WebhookOutcome) -> None:
-    """Count one webhook delivery attempt (sluice_webhook_deliveries_total)."""
-    WEBHOOK_DELIVERIES.labels(outcome.value).inc()
+    The sender passes its attempt's Outcome (a StrEnum): succeeded, retrying (failed, will be
+    retried), failed (no more attempts) or disabled (the endpoint answered 410).
+    """
+    WEBHOOK_DELIVERIES.labels(str(outcome)).inc()
 
 
 def observe_many(histogram: Any, values: Sequence[float]) -> None:

@@ -206,9 +206,10 @@ def test_observe_many_matches_observe() -> None:
 def test_multiprocess_mode_adds_processes_up(tmp_path: Path) -> None:
     # Two real processes count into the directory; one exposition reads both.
     code = (
-        "from sluice.metrics import WebhookOutcome, count_webhook\n"
-        "for _ in range(3): count_webhook(WebhookOutcome.DELIVERED)\n"
-        "count_webhook(WebhookOutcome.FAILED)\n"
+        "from sluice.metrics import count_webhook\n"
+        "from sluice.store.deliveries import Outcome\n"
+        "for _ in range(3): count_webhook(Outcome.SUCCEEDED)\n"
+        "count_webhook(Outcome.RETRYING)\n"
     )
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     for _ in range(2):
@@ -220,8 +221,8 @@ def test_multiprocess_mode_adds_processes_up(tmp_path: Path) -> None:
         for f in text_string_to_metric_families(text)
         for s in f.samples
     }
-    assert samples[("sluice_webhook_deliveries_total", "delivered")] == 6
-    assert samples[("sluice_webhook_deliveries_total", "failed")] == 2
+    assert samples[("sluice_webhook_deliveries_total", "succeeded")] == 6
+    assert samples[("sluice_webhook_deliveries_total", "retrying")] == 2
 
 
 def test_a_missing_multiproc_dir_fails_at_start(tmp_path: Path) -> None:
