@@ -3,6 +3,9 @@ what is submitted stays queued, so every count is exact."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from sluice.store.keys import create_key
@@ -69,3 +72,20 @@ def test_status_and_metrics_count_the_queue(api: Api) -> None:
     assert sample("sluice_workers", model=api.model, engine="") == 0
     assert sample("sluice_dependency_up", dependency="database") == 1
     assert sample("sluice_dependency_up", dependency="redis") == 1
+
+
+def test_metrics_answer_with_redis_down(
+    start_api: Callable[..., AbstractContextManager[Api]],
+) -> None:
+    # A scrape never fails on a dependency: it says which one it could not reach.
+    with start_api(redis_url="redis://127.0.0.1:1/0") as broken:
+        response = broken.http.get("/metrics")
+        assert response.status_code == 200, response.text
+        up = {
+            s.labels["dependency"]: s.value
+            for family in text_string_to_metric_families(response.text)
+            for s in family.samples
+            if s.name == "sluice_dependency_up"
+        }
+        assert up == {"database": 1.0, "redis": 0.0}
+        assert "sluice_queue_depth{" in response.text  # the database part still answers
