@@ -372,10 +372,12 @@ def _refuse_unused(body: dict[str, Any]) -> None:
                 param=name,
                 code="unsupported_parameter",
             )
-    tier = body.get("service_tier")
-    if tier is not None and not isinstance(tier, str):
+    # One tier here: "auto"/"default" mean it; flex or priority processing would be ignored.
+    if body.get("service_tier") not in (None, "auto", "default"):
         raise InvalidInput(
-            "service_tier must be a string", param="service_tier", code="invalid_value"
+            "service_tier must be auto or default (one tier here)",
+            param="service_tier",
+            code="unsupported_parameter",
         )
 
 

@@ -103,6 +103,7 @@ def test_neutral_values_are_accepted_by_every_engine(engine: str) -> None:
         ({"audio": {"voice": "x"}}, "audio"),
         ({"store": True}, "store"),
         ({"reasoning_effort": "low"}, "reasoning_effort"),
+        ({"service_tier": "flex"}, "service_tier"),
     ],
 )
 def test_fields_no_engine_honours_are_refused(fields: dict[str, Any], param: str) -> None:
