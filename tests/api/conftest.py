@@ -141,8 +141,13 @@ def start_api(
         settings = load_settings(**values)
         client = redis.Redis.from_url(redis_url)
         db = get_database(settings)
-        # Auth is on, as in production: the test client sends a key of owner "default".
-        key, _ = create_key(db, owner="default", name="tests")
+        # Auth is on, as in production: the test client sends a key of owner "default". It
+        # lives in the module's database: a test may point the API at a dead one.
+        keys_db = Database(database_url)
+        try:
+            key, _ = create_key(keys_db, owner="default", name="tests")
+        finally:
+            keys_db.dispose()
         headers = {"Authorization": f"Bearer {key}"}
         try:
             with (
