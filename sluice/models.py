@@ -107,6 +107,8 @@ class Batch(Base):
     """A batch (OpenAI's object) or a single job (a batch of one, interactive)."""
 
     __tablename__ = "batches"
+    # `sluice status` lists the newest batches among millions of jobs (batches of one).
+    __table_args__ = (Index("ix_batches_kind_created_at", "kind", "created_at"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     owner: Mapped[str] = mapped_column(String(64), default="default", index=True)
