@@ -74,7 +74,8 @@ class Sender:
         """Stop claiming; attempts under way finish (each bounded by the timeout)."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(self.lease)
+        if self._thread.ident is not None:  # started (run_forever loops in the caller's)
+            self._thread.join(self.lease)
         self.pool.shutdown(wait=True)
         self.client.close()
 
@@ -194,15 +195,17 @@ def run_sender(settings: Settings) -> int:
     from sluice.db import get_database
 
     db = get_database(settings)
-    sender = Sender(settings, db)
-    if not sender.keys:
-        log.warning("SLUICE_WEBHOOK_SECRET is not set: webhook URLs are refused by the API")
-    log.info("webhook sender %s started", sender.owner)
-    try:
+    sender: Sender | None = None
+    try:  # SIGTERM arrives as KeyboardInterrupt, whenever it comes (even during start-up)
+        sender = Sender(settings, db)
+        if not sender.keys:
+            log.warning("SLUICE_WEBHOOK_SECRET is not set: webhook URLs are refused by the API")
+        log.info("webhook sender %s started", sender.owner)
         sender.run_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        sender.stop()
+        if sender is not None:
+            sender.stop()
         db.dispose()
     return 0

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from standardwebhooks import Webhook
 
+from sluice.migrate import upgrade
 from tests.e2e.conftest import start_stack
 from tests.webhooks.receivers import receiver
 from tests.webhooks.test_delivery import SECRET
@@ -34,3 +39,30 @@ def test_the_stack_delivers_job_events(tmp_path: Path) -> None:
             assert event["data"]["job"]["output"] == "stack says hi"
         finally:
             stack.close()
+
+
+def test_sluice_webhooks_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    """The process `sluice up` supervises: SIGTERM ends it with exit code 0."""
+    db_url = f"sqlite:///{tmp_path / 'sluice.db'}"
+    upgrade(db_url)
+    env = {**os.environ, "SLUICE_DATABASE_URL": db_url, "SLUICE_DATA_DIR": str(tmp_path),
+           "SLUICE_WEBHOOK_SECRET": SECRET}  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sluice.cli", "webhooks"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        out = b""
+        assert proc.stdout is not None
+        while b"webhook sender" not in out:  # its start line (a deadline: pytest-timeout)
+            line = proc.stdout.readline()
+            assert line, out.decode()
+            out += line
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, (out + rest).decode()
+        assert b"Traceback" not in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
