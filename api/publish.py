@@ -40,6 +40,7 @@ async def publish_created(celery: Celery, settings: Settings, created: Created) 
             len(created.request_ids),
             created.batch_id,
             exc,
+            extra={"batch_id": created.batch_id},
         )
         return False
     return True

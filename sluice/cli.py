@@ -108,16 +108,13 @@ def _flower_port(settings: Settings) -> int | None:
 
 def cmd_flower(_args: argparse.Namespace, settings: Settings) -> int:
     """Flower on this Sluice's Redis (the embedded one too), loopback and behind a login."""
-    import os
 
-    from sluice.flower import credentials, describe, flower_command
+    from sluice.flower import credentials, describe, run_flower
     from sluice.redis_server import ensure_redis
 
     url = ensure_redis(settings, detach=True).url
-    argv, env = flower_command(settings, url)
     print(describe(settings, credentials(settings)), file=sys.stderr, flush=True)
-    # Replaced, not wrapped: signals reach Flower itself, and a supervisor sees its exit.
-    os.execve(argv[0], argv, env)
+    run_flower(settings, url)
 
 
 def cmd_healthcheck(args: argparse.Namespace, settings: Settings) -> int:
@@ -165,10 +162,22 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return code
 
 
-def cmd_webhooks(_args: argparse.Namespace, settings: Settings) -> int:
-    """Deliver webhook events until SIGTERM (`sluice up` runs one; more may run anywhere)."""
+def cmd_webhooks(args: argparse.Namespace, settings: Settings) -> int:
+    """Deliver webhook events until SIGTERM (`sluice up` runs one; more may run anywhere);
+    with --enable URL, send to a URL again that a 410 Gone disabled, and exit."""
     from sluice.webhooks.sender import run_sender
 
+    if args.enable:
+        from sluice.db import get_database
+        from sluice.store.deliveries import enable_endpoint
+
+        db = get_database(settings)
+        try:
+            found = enable_endpoint(db, args.enable)
+        finally:
+            db.dispose()
+        print(f"{args.enable}: " + ("enabled again" if found else "was not disabled"))
+        return 0
     _stop_on_signals()
     return run_sender(settings)
 
@@ -377,9 +386,9 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     sub.add_parser(
         "flower", help="Flower on this Sluice's Redis (SLUICE_FLOWER_HOST/PORT/BASIC_AUTH)"
     ).set_defaults(fn=cmd_flower)
-    sub.add_parser("webhooks", help="deliver webhook events (signed, retried)").set_defaults(
-        fn=cmd_webhooks
-    )
+    w = sub.add_parser("webhooks", help="deliver webhook events (signed, retried)")
+    w.add_argument("--enable", metavar="URL", help="re-enable a URL a 410 Gone disabled")
+    w.set_defaults(fn=cmd_webhooks)
     h = sub.add_parser("healthcheck", help="exit 0 if this host's worker is alive")
     h.add_argument("service", choices=["worker"])
     h.set_defaults(fn=cmd_healthcheck)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import secrets
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import NoReturn
 
 from sluice.config import Settings
 from sluice.queue import broker_url
@@ -84,3 +88,28 @@ def describe(settings: Settings, auth: FlowerAuth, port: int | None = None) -> s
     else:
         login = f"user {user}, password in {auth.source}"
     return f"Flower at {flower_url(settings, port)} ({login})"
+
+
+def run_flower(settings: Settings, redis_url: str, port: int | None = None) -> NoReturn:
+    """Serve Flower in this process until SIGINT or SIGTERM, then exit at once.
+
+    Flower keeps nothing worth flushing (no persistence here), and its own exit path hangs on
+    its event thread (SIGTERM runs sys.exit, Ctrl-C is swallowed) until a supervisor kills
+    it: both signals end the process on the spot, with no traceback.
+    """
+    argv, env = flower_command(settings, redis_url, port)
+
+    def leave(_sig: int, _frame: FrameType | None) -> None:
+        os._exit(0)
+
+    os.environ["FLOWER_BASIC_AUTH"] = env["FLOWER_BASIC_AUTH"]
+    signal.signal(signal.SIGINT, leave)
+    # Flower installs its SIGTERM handler by this module-level name when it starts.
+    vars(importlib.import_module("flower.command"))["sigterm_handler"] = leave
+    sys.argv = ["celery", *argv[3:]]
+    code = 0
+    try:
+        importlib.import_module("celery.bin.celery").main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    os._exit(code)
