@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, insert, select, update
+from sqlalchemy import Connection, RowMapping, delete, insert, select, update
 
 from sluice.db import Database
 from sluice.ids import now as clock
@@ -224,3 +224,12 @@ def deliveries_of(db: Database, batch_id: str) -> list[tuple[RowMapping, list[Ro
     for att in attempts:
         by_delivery.setdefault(att["delivery_id"], []).append(att)
     return [(r, by_delivery.get(r["id"], [])) for r in rows]
+
+
+def enable_endpoint(db: Database, url: str) -> bool:
+    """Send to a URL again after a 410 disabled it; False when it was not disabled."""
+    with db.write() as conn:
+        gone = conn.execute(
+            delete(webhook_endpoints).where(webhook_endpoints.c.url_hash == url_hash(url))
+        ).rowcount
+    return bool(gone)

@@ -19,7 +19,7 @@ from sluice.db import Database
 from sluice.ids import now
 from sluice.store import work
 from sluice.store.batches import create_job
-from sluice.store.deliveries import claim, deliveries_of
+from sluice.store.deliveries import claim, deliveries_of, enable_endpoint
 from sluice.webhooks.sender import Sender, backoff
 from tests.webhooks.receivers import Answer, receiver
 
@@ -131,13 +131,18 @@ def test_500_three_times_then_delivered_with_the_same_webhook_id(
 
 def test_410_disables_the_endpoint(db: Database, database_url: str, tmp_path: Path) -> None:
     settings = settings_for(database_url, tmp_path)
-    with receiver(lambda _n: Answer(410)) as rec, sending(settings, db):
+    with receiver(lambda n: Answer(410 if n == 1 else 200)) as rec, sending(settings, db):
         first = finished_job(db, rec.url)
         rec.wait_calls(1)
         wait_until(lambda: log(db, first)[0]["status"] == "failed")
         second = finished_job(db, rec.url)
         wait_until(lambda: log(db, second)[0]["status"] == "failed")
-    assert len(rec.calls) == 1  # the second event was never sent
+        assert len(rec.calls) == 1  # the second event was never sent
+        # `sluice webhooks --enable URL`: the receiver is back, new events reach it.
+        assert enable_endpoint(db, rec.url) and not enable_endpoint(db, rec.url)
+        third = finished_job(db, rec.url)
+        rec.wait_calls(2)
+        wait_until(lambda: log(db, third)[0]["status"] == "succeeded")
     assert log(db, first)[1][0]["outcome"] == "disabled"
     [never] = log(db, second)[1]
     assert never["outcome"] == "disabled" and never["status_code"] is None
