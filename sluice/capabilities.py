@@ -42,15 +42,15 @@ OPTIONAL = frozenset(
 #   n identical choices and each token's logprob is exactly 0.0. It cannot follow a schema.
 # - sim replays echo words with a GPU's timing: n > 1 would need n slots' timing, and it has
 #   no logprobs to report; it refuses both (and response_format).
-# - hf's generate() has top_k, min_p, repetition_penalty, num_return_sequences and a seed,
-#   but no presence/frequency penalties and no grammar; logprobs are not wired up.
+# - hf's generate() has top_k, min_p, repetition_penalty, num_return_sequences, a seed and
+#   raw logits per step (logprobs), but no presence/frequency penalties and no grammar.
 # - vLLM honours the whole surface (structured outputs through its xgrammar backend).
 CAPABILITIES: dict[str, frozenset[str]] = {
     "echo": OPTIONAL - {RESPONSE_FORMAT},
     "sim": frozenset(
         {SEED, TOP_K, MIN_P, REPETITION_PENALTY, PRESENCE_PENALTY, FREQUENCY_PENALTY, IGNORE_EOS}
     ),
-    "hf": frozenset({N, SEED, TOP_K, MIN_P, REPETITION_PENALTY, IGNORE_EOS}),
+    "hf": frozenset({N, SEED, TOP_K, MIN_P, REPETITION_PENALTY, LOGPROBS, IGNORE_EOS}),
     "vllm": OPTIONAL,
 }
 

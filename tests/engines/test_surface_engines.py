@@ -136,3 +136,19 @@ def test_worker_refuses_what_its_engine_cannot_honour() -> None:
     echo = load_engine(load_settings(engine="echo"))
     ready = to_gen_request(Claimed(2, "b", CHAT, 1, 1, 0, json.dumps(body), False), echo)
     assert ready.sampling.n == 2
+
+
+def test_hf_logprobs_greedy_picks_the_likeliest(hf: Engine) -> None:
+    out = run(hf, req(1, max_tokens=6, temperature=0.0, logprobs=2),
+              req(2, max_tokens=6, temperature=1.0, seed=4, n=2, logprobs=0))  # fmt: skip
+    greedy = out[1].choices
+    assert greedy is not None and len(greedy) == 1
+    tokens = greedy[0].logprobs
+    assert tokens is not None and len(tokens) == greedy[0].completion_tokens
+    for token in tokens:
+        assert len(token.top) == 2 and token.top[0][1] >= token.top[1][1]
+        assert token.top[0] == (token.token, pytest.approx(token.logprob))
+        assert token.logprob <= 0.0
+    sampled = out[2].choices
+    assert sampled is not None and len(sampled) == 2
+    assert all(c.logprobs is not None and all(t.top == [] for t in c.logprobs) for c in sampled)

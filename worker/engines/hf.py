@@ -17,6 +17,7 @@ from worker.engines.base import (
     GenRequest,
     GenResult,
     Sampling,
+    TokenLogprob,
     needs_choices,
     with_choices,
 )
@@ -216,13 +217,22 @@ class HFEngine(Engine):
             kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.hf_tokenizer)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
+        if sampling.logprobs is not None:
+            # Raw logits per step (the model's distribution, as vLLM reports by default).
+            kwargs.update(output_logits=True, return_dict_in_generate=True)
         output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        steps: list[torch.Tensor] = []
+        if sampling.logprobs is not None:
+            steps = [torch.log_softmax(x.float(), dim=-1) for x in output.logits]
+            output = output.sequences
         new_tokens = output[:, width:].tolist()
         results = []
         # Rows come grouped by prompt: num_return_sequences rows for each.
         for i, (request, ids) in enumerate(batch):
-            rows = new_tokens[i * copies : (i + 1) * copies]
-            choices = [self._choice(row, sampling) for row in rows] * (sampling.n // copies)
+            rows = range(i * copies, (i + 1) * copies)
+            choices = [self._choice(new_tokens[r], sampling, steps, r) for r in rows] * (
+                sampling.n // copies
+            )
             result = GenResult(request.id, prompt_tokens=len(ids))
             if needs_choices(sampling):
                 results.append(with_choices(result, choices))
@@ -233,14 +243,41 @@ class HFEngine(Engine):
                 results.append(result)
         return results
 
-    def _choice(self, row: list[int], sampling: Sampling) -> Choice:
+    def _choice(
+        self, row: list[int], sampling: Sampling, steps: list[torch.Tensor], r: int
+    ) -> Choice:
         end = next((i for i, t in enumerate(row) if t in self._eos_ids), None)
         generated = row if end is None else row[:end]
         decoded = self.hf_tokenizer.decode(generated, skip_special_tokens=True)
         text, cut = apply_stop(str(decoded), sampling.stop)
         hit_limit = end is None and len(row) >= sampling.max_tokens
         finish = "stop" if cut or not hit_limit else "length"
-        return Choice(text, finish, len(generated))
+        logprobs = None
+        if sampling.logprobs is not None:
+            logprobs = self._logprobs(generated, steps, r, sampling.logprobs)
+        return Choice(text, finish, len(generated), logprobs)
+
+    def _logprobs(
+        self, generated: list[int], steps: list[torch.Tensor], r: int, top: int
+    ) -> list[TokenLogprob]:
+        """Each generated token's logprob in row r, and the `top` likeliest at its step."""
+        out = []
+        for t, token_id in enumerate(generated):
+            dist = steps[t][r]
+            best = torch.topk(dist, top) if top else None
+            alternatives = (
+                []
+                if best is None
+                else [
+                    (self._piece(int(i)), float(v))
+                    for v, i in zip(best.values.tolist(), best.indices.tolist(), strict=True)
+                ]
+            )
+            out.append(TokenLogprob(self._piece(token_id), float(dist[token_id]), alternatives))
+        return out
+
+    def _piece(self, token_id: int) -> str:
+        return str(self.hf_tokenizer.decode([token_id]))
 
     def take_deltas(self) -> list[Delta]:
         """Streaming requests finished by the last step, each as one delta."""
