@@ -144,6 +144,8 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
         access_log=False,
         # httptools with a bound on request heads (SLUICE_MAX_HEADER_BYTES): 431 past it.
         http="api.server:BoundedHttpToolsProtocol",
+        # JSON logs: uvicorn's records go through the root handler (sluice/logs.py) too.
+        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
     )
     return 0
 

@@ -74,6 +74,10 @@ def flower_command(
         # Workers that went away leave the list instead of lingering as offline.
         "--purge_offline_workers=60",
     ]
+    if settings.log_format == "json":
+        # Tornado then installs no handler of its own: Flower's records reach the root
+        # handler, JSON like every other Sluice process's (sluice/logs.py).
+        argv.append("--logging=none")
     env = {**os.environ, "FLOWER_BASIC_AUTH": credentials(settings).value}
     return argv, env
 
