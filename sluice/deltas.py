@@ -17,6 +17,10 @@ STREAM_MAXLEN = 4096
 STREAM_TTL_SECONDS = 600
 
 
-def stream_key(request_id: int) -> str:
-    """The Redis Stream of one streaming request's text."""
-    return f"{STREAM_PREFIX}{request_id}"
+def stream_key(job_id: str, request_id: int) -> str:
+    """The Redis Stream of one streaming request's text.
+
+    The job id (random) is part of it: request ids restart with a fresh database, and a stream
+    left in a shared Redis by an earlier database's request must never be read as this one's.
+    """
+    return f"{STREAM_PREFIX}{job_id}:{request_id}"

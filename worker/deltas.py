@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import orjson
 import redis
@@ -27,8 +28,17 @@ QUEUE_MAX = 65_536
 # Entries per pipelined round trip.
 BATCH = 512
 
-_Piece = tuple[int, int, int, str]  # request id, attempt, offset, text
-_End = tuple[int, int]  # request id, attempt
+_Piece = tuple[str, int, int, str]  # stream key, attempt, offset, text
+_End = tuple[str, int]  # stream key, attempt
+
+
+@dataclass
+class _Live:
+    """A streaming request in the engine: its stream, attempt and characters so far."""
+
+    key: str
+    attempt: int
+    sent: int = 0
 
 
 class DeltaPublisher:
@@ -37,7 +47,7 @@ class DeltaPublisher:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self._lock = threading.Lock()
-        self._live: dict[int, list[int]] = {}  # request id -> [attempt, chars so far]
+        self._live: dict[int, _Live] = {}  # by request id
         self._queue: queue.Queue[list[_Piece | _End] | None] = queue.Queue(QUEUE_MAX)
         self.dropped = 0
         self._thread = threading.Thread(target=self._loop, name="sluice-deltas", daemon=True)
@@ -51,10 +61,10 @@ class DeltaPublisher:
         self._queue.put(None)
         self._thread.join(5)
 
-    def track(self, request_id: int, attempt: int) -> None:
+    def track(self, job_id: str, request_id: int, attempt: int) -> None:
         """A streaming request enters the engine (claimer thread): its text starts at 0."""
         with self._lock:
-            self._live[request_id] = [attempt, 0]
+            self._live[request_id] = _Live(stream_key(job_id, request_id), attempt)
 
     def put(self, deltas: list[Delta]) -> None:
         """Queue pieces (engine thread); offsets count every piece, sent or dropped."""
@@ -64,8 +74,8 @@ class DeltaPublisher:
                 live = self._live.get(d.id)
                 if live is None:
                     continue
-                items.append((d.id, live[0], live[1], d.text))
-                live[1] += len(d.text)
+                items.append((live.key, live.attempt, live.sent, d.text))
+                live.sent += len(d.text)
         self._offer(items)
 
     def finished(self, ids: Iterable[int]) -> None:
@@ -75,7 +85,7 @@ class DeltaPublisher:
             for rid in ids:
                 live = self._live.pop(rid, None)
                 if live is not None:
-                    items.append((rid, live[0]))
+                    items.append((live.key, live.attempt))
         self._offer(items)
 
     def forget(self, ids: Iterable[int]) -> None:
@@ -118,7 +128,7 @@ class DeltaPublisher:
         pipe = self.client.pipeline(transaction=False)
         keys: set[str] = set()
         for item in items:
-            key = stream_key(item[0])
+            key = item[0]
             keys.add(key)
             if len(item) == 4:
                 _, attempt, offset, text = item
@@ -135,14 +145,14 @@ def mark_streams(claimed: Iterable[Claimed], ready: list[GenRequest], sink: Delt
     """Flag the online requests that asked for stream=true and start tracking them."""
     # The substring test skips parsing every bulk body; only a candidate is parsed.
     wanted = {
-        c.id: c.attempts
+        c.id: c
         for c in claimed
         if not c.from_file and '"stream": true' in c.body and orjson.loads(c.body).get("stream")
     }
     if not wanted:
         return
     for request in ready:
-        attempt = wanted.get(request.id)
-        if attempt is not None:
+        found = wanted.get(request.id)
+        if found is not None:
             request.stream = True
-            sink.track(request.id, attempt)
+            sink.track(found.batch_id, request.id, found.attempts)

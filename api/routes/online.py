@@ -225,7 +225,7 @@ async def _relay(
 ) -> AsyncIterator[bytes]:
     """The SSE body: pieces as they come, then the rest from the row, usage, [DONE]."""
     settings: Settings = state.settings
-    key = stream_key(request_id)
+    key = stream_key(job_id, request_id)
     relay = _Relay()
     last = b"0-0"
     ended = False

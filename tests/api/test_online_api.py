@@ -32,12 +32,17 @@ def online(start_api: Callable[..., AbstractContextManager[Api]]) -> Iterator[Ap
         yield api
 
 
+def _job(api: Api, rid: int) -> str:
+    with api.db.read() as conn:
+        return str(conn.execute(select(requests.c.batch_id).where(requests.c.id == rid)).scalar())
+
+
 def _piece(api: Api, rid: int, attempt: int, offset: int, text: str) -> None:
-    api.redis.xadd(stream_key(rid), {"a": attempt, "o": offset, "t": text})
+    api.redis.xadd(stream_key(_job(api, rid), rid), {"a": attempt, "o": offset, "t": text})
 
 
 def _end(api: Api, rid: int, attempt: int) -> None:
-    api.redis.xadd(stream_key(rid), {"a": attempt, "e": 1})
+    api.redis.xadd(stream_key(_job(api, rid), rid), {"a": attempt, "e": 1})
 
 
 def _finish(api: Api, rid: int, text: str) -> None:

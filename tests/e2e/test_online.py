@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -157,8 +157,25 @@ def test_bad_requests_name_the_field(client: OpenAI) -> None:
     assert "stream_options" in str(options.value.body)
 
 
+def _until(sluice: Running, check: Callable[[], bool], timeout: float) -> None:
+    """Poll until check() holds; the failure shows this stack's workers' stats."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, [
+            {k: s[k] for k in ("busy", "inflight", "completed", "slots", "engine")}
+            for s in _mine(sluice)
+        ]
+        time.sleep(0.05)
+
+
+def _mine(sluice: Running) -> list[dict[str, Any]]:
+    """This stack's workers' stats (a shared Redis may hold other stacks' workers too)."""
+    owners = {c.worker_id for c in sluice.stack.children if c.worker_id}
+    return [s for owner, s in read_stats(sluice.redis).items() if owner in owners]
+
+
 def _busy(sluice: Running) -> int:
-    return sum(int(s["busy"]) for s in read_stats(sluice.redis).values())
+    return sum(int(s["busy"]) for s in _mine(sluice))
 
 
 def test_a_client_that_disconnects_frees_its_engine_slot(sluice: Running) -> None:
@@ -170,16 +187,17 @@ def test_a_client_that_disconnects_frees_its_engine_slot(sluice: Running) -> Non
     ):
         job_id = response.headers["Sluice-Job-Id"]
         content = 0
-        for line in response.iter_lines():
+        lines = response.iter_lines()  # kept: a dropped iterator closes the connection
+        for line in lines:
             if '"content":"' in line and '"content":""' not in line:
                 content += 1
                 if content == 3:
                     break
         assert content == 3
-        sluice.wait_for(lambda: _busy(sluice) >= 1, timeout=10)
+        _until(sluice, lambda: _busy(sluice) >= 1, 10)
         # Leaving the block closes the connection mid-stream.
     started = time.monotonic()
-    sluice.wait_for(lambda: _busy(sluice) == 0, timeout=15)
+    _until(sluice, lambda: _busy(sluice) == 0, 15)
     assert time.monotonic() - started < 15
     job = sluice.http.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "cancelled", job
