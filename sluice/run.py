@@ -111,13 +111,15 @@ class Follower:
         """Until every batch has ended: refresh counts and the bar."""
         from tqdm import tqdm
 
-        # A terminal that reports no width (0 columns, e.g. a fresh pty) still gets a bar.
-        width = shutil.get_terminal_size((100, 24)).columns
+        # A terminal that reports no size (0 x 0, e.g. a fresh pty) still gets a bar: tqdm
+        # hides a bar below a screen height of 0.
+        width, height = shutil.get_terminal_size((100, 24))
         with tqdm(
             total=self.total,
             unit="req",
             file=self.stream,
             ncols=max(width, 60),
+            nrows=max(height, 24),
             desc="sluice run",
             smoothing=0.1,
         ) as bar:
@@ -325,5 +327,13 @@ def run(client: Client, settings: Settings, args: Any, url: str, stream: TextIO)
         Follower(client, parts, stream).follow()
     except ServerGone as exc:
         return lost(args.url or "", run_id, out, str(exc), stream)
+    except KeyboardInterrupt:
+        where = f" --url {args.url}" if args.url else ""
+        print(
+            f"\nstopped following {run_id}; its batches keep their state. Resume with:\n"
+            f"  sluice run --resume {run_id} -o {out}{where}",
+            file=stream,
+        )
+        return 130
     codes = write_results(client, parts, out)
     return report(parts, codes, out, stream)

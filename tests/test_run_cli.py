@@ -262,3 +262,44 @@ def test_server_gone_says_how_to_resume_and_resume_finishes(tmp_path: Path) -> N
         assert [x["custom_id"] for x in lines] == [f"line-{i}" for i in range(1, 61)]
     finally:
         server.stop()
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
+    slow = {"SLUICE_ENGINE": "sim", "SLUICE_MAX_NUM_SEQS": "2", "SLUICE_SIM_DECODE_STEP": "0.05"}
+    server = Up(tmp_path / "server", free_port(), **slow)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [
+            *SLUICE,
+            "run",
+            str(_prompts(tmp_path / "p.jsonl", 20, max_tokens=40)),
+            "-o",
+            str(tmp_path / "o.jsonl"),
+            "--url",
+            server.url,
+        ],
+        env=_env(tmp_path / "client"),
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+    )
+    os.close(slave)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 60
+        while b"sluice run:" not in seen and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                seen += _read(master)
+        proc.send_signal(signal.SIGINT)  # the terminal's Ctrl-C
+        code = proc.wait(30)
+        while select.select([master], [], [], 0.2)[0] and (more := _read(master)):
+            seen += more
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+        server.stop()
+    text = seen.decode("utf-8", "replace")
+    assert code == 130, repr(text)
+    assert re.search(r"Resume with:\s+sluice run --resume batch_\w+ -o ", text), repr(text)
+    assert "Traceback" not in text
