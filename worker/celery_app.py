@@ -8,7 +8,6 @@ from typing import Any
 
 from celery import Celery, Task, bootsteps
 from celery.worker.control import inspect_command
-from kombu.transport import redis as kombu_redis
 
 from sluice.config import Settings
 from sluice.logs import log_context
@@ -19,6 +18,7 @@ from sluice.queue import (
     describe_ids,
     make_celery,
 )
+from worker.kombu_fixes import harden_redis_transport
 from worker.runner import Runner, RunnerFailed, Ticket
 
 log = logging.getLogger("sluice.worker")
@@ -88,10 +88,8 @@ def create_worker_app(settings: Settings, redis_url: str, slots: int = 0) -> Cel
     """The Celery app with the task registered; model, engine and slots in its conf."""
     global _grace
     _grace = settings.shutdown_grace
-    # Messages are wake-ups (the database is the queue): nothing needs putting back when a
-    # channel closes. kombu 5.7 tries to anyway after a lost connection, through the pool of
-    # a connection it has already dropped, and the AttributeError kills the consumer.
-    kombu_redis.QoS.restore_at_shutdown = False
+    # kombu reaching for a dropped connection must not kill the consumer (worker/kombu_fixes.py).
+    harden_redis_transport()
     app = make_celery(settings, redis_url)
     # Flower's worker page shows the conf (its Config tab, and /api/workers): what this
     # worker serves, at a glance.
