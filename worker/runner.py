@@ -724,7 +724,7 @@ def to_result(out: GenResult, finished_at: float) -> Result:
                       "the batch was cancelled while this request ran", out.prompt_tokens,
                       out.completion_tokens, finished_at, out.cached_tokens)  # fmt: skip
     if out.error:
-        return Result(out.id, "failed", None, None, "engine_error", out.error,
+        return Result(out.id, "failed", None, None, out.error_code, out.error,
                       out.prompt_tokens, out.completion_tokens, finished_at,
                       out.cached_tokens)  # fmt: skip
     return Result(out.id, "succeeded", text, out.finish_reason, None, None,

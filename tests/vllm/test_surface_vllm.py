@@ -158,3 +158,27 @@ def test_responses_json_schema_on_vllm(client: OpenAI) -> None:
     done = Response.model_validate(out["r"])
     assert done.status == "completed"
     jsonschema.validate(json.loads(done.output_text), SCHEMA)
+
+
+def test_a_schema_vllm_cannot_compile_fails_its_line_with_a_400(client: OpenAI) -> None:
+    bad = {"type": "json_schema", "json_schema": {"name": "bad", "strict": True,
+           "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}  # fmt: skip
+    lines = [{"custom_id": "bad", "method": "POST", "url": CHAT, "body": {
+        "model": MODEL, "messages": MSGS, "max_tokens": 8, "response_format": bad}}]  # fmt: skip
+    buf = io.BytesIO("".join(json.dumps(x) + "\n" for x in lines).encode())
+    buf.name = "bad.jsonl"
+    batch = client.batches.create(
+        input_file_id=client.files.create(file=buf, purpose="batch").id,
+        endpoint=CHAT,
+        completion_window="24h",
+    )
+    deadline = time.monotonic() + 120
+    while batch.status not in ("completed", "failed", "expired", "cancelled"):
+        assert time.monotonic() < deadline, f"batch stuck in {batch.status}"
+        time.sleep(0.2)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.request_counts is not None and batch.request_counts.failed == 1
+    assert batch.error_file_id is not None
+    (line,) = [json.loads(x) for x in client.files.content(batch.error_file_id).text.splitlines()]
+    assert line["response"]["status_code"] == 400, line
+    assert line["response"]["body"]["error"]["code"] == "invalid_request"

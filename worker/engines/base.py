@@ -90,6 +90,9 @@ class GenResult:
     # case stays one string). text and finish_reason are then choices[0]'s, and
     # completion_tokens the sum over choices, as OpenAI counts usage.
     choices: list[Choice] | None = None
+    # Who is to blame for `error`: the engine (a server error), or the request itself
+    # ("invalid_request": the engine refused its parameters, e.g. a schema it cannot compile).
+    error_code: str = "engine_error"
 
 
 def needs_choices(sampling: Sampling) -> bool:

@@ -277,7 +277,9 @@ class VLLMEngine(Engine):
                 priority=request.priority,
             )
         except REQUEST_ERRORS as exc:  # vLLM's verdict on this request alone
-            self._done.append(GenResult(request.id, "", "error", len(ids), 0, str(exc)))
+            refused = GenResult(request.id, "", "error", len(ids), 0, str(exc))
+            refused.error_code = "invalid_request"  # vLLM's own server answers these 400
+            self._done.append(refused)
             return
         self._live[request_id] = (request.id, len(ids))
         if needs_choices(request.sampling):
