@@ -48,8 +48,9 @@ class Api:
         out = []
         for raw in reversed(self.redis.lrange(key, 0, -1)):
             envelope = json.loads(raw)
-            args = json.loads(base64.b64decode(envelope["body"]))[0]
-            out.append(list(args[0]))
+            # sluice.run_batch(batch_id, model, count, ids=[...], priority=...)
+            kwargs = json.loads(base64.b64decode(envelope["body"]))[1]
+            out.append(list(kwargs["ids"]))
         return out
 
     def upload(
