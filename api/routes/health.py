@@ -140,8 +140,7 @@ async def get_model(model_id: Annotated[str, MODEL_ID], settings: SettingsDep) -
             return model
     raise ApiError(
         404,
-        f"model {model_id!r} is not served here (available: "
-        f"{', '.join(known_models(settings))})",
+        f"model {model_id!r} is not served here (available: {', '.join(known_models(settings))})",
         code="model_not_found",
         param="model",
     )
