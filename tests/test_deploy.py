@@ -10,10 +10,12 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 import yaml
 from compose_spec import PyCompose
@@ -207,6 +209,21 @@ def test_compose_file_follows_the_compose_spec() -> None:
         broken["services"]["api"].update(bad)
         with pytest.raises(ValueError):
             PyCompose.from_json(json.dumps(broken)).to_spec()
+
+
+def test_compose_file_validates_against_the_compose_spec_json_schema() -> None:
+    # The Compose Specification's own JSON schema, as check-jsonschema vendors it (its
+    # check-compose-spec hook): the file Docker Compose itself validates against.
+    schema = json.loads(
+        files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text()
+    )
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    assert [e.message for e in validator.iter_errors(COMPOSE)] == []
+    wrong: list[dict[str, Any]] = [{"restart_policy": "always"}, {"ports": 8000}, {"env_file": 3}]
+    for bad in wrong:
+        broken = json.loads(json.dumps(COMPOSE))
+        broken["services"]["api"].update(bad)
+        assert list(validator.iter_errors(broken)), bad
 
 
 def _wait_http(client: httpx.Client, path: str, timeout: float = 60) -> None:
