@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
 # The shared helpers: `python bench/report.py` puts bench/ first on sys.path.
 from feed import MODEL, OUT, ROOT, SLOTS, Sim, bulk_file, output_lengths, prompts, sim_stack
@@ -76,6 +77,7 @@ class Series:
     stats: list[dict[str, Any]] = field(default_factory=list)  # the worker's documents
     latencies: list[Latency] = field(default_factory=list)
     errors: int = 0
+    missed: int = 0  # samples lost to a transient HTTP or Redis error
 
 
 class Sampler:
@@ -105,7 +107,11 @@ class Sampler:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            self.poll()
+            try:
+                self.poll()
+            except (httpx.HTTPError, redis.RedisError):
+                # One missed sample leaves a gap in the plots; the run itself goes on.
+                self.series.missed += 1
 
     def poll(self) -> None:
         """One sample: the batch's finished requests and any new stats document."""
@@ -230,6 +236,8 @@ def summary(series: Series, args: argparse.Namespace) -> list[list[str]]:
             b = quantile([getattr(x, what) for x in bulk], q)
             rows.append([f"{what.upper()} p{round(q * 100)} (ms)", _num(a), _num(b), _ratio(b, a)])
     rows.append(["online requests (errors)", f"{len(idle)}", f"{len(bulk)}", f"{series.errors}"])
+    if series.missed:
+        rows.append(["samples missed (HTTP or Redis errors)", "", f"{series.missed}", ""])
     seconds = series.bulk_end - series.bulk_start
     rows.append(["bulk seconds (submit to completed)", "", f"{seconds:.1f}", ""])
     rows.append(["bulk requests/s", "", f"{args.requests / seconds:.0f}", ""])
