@@ -353,7 +353,7 @@ def benchmarks() -> list[tuple[str, str]]:
             [sys.executable, script, flag], cwd=ROOT, capture_output=True, text=True, check=False
         )
         text = done.stdout if done.returncode == 0 else done.stdout + done.stderr[-4000:]
-        out.append((f"python {script} {flag} (exit {done.returncode})", text.rstrip()))
+        out.append((f"`python {script} {flag}` (exit {done.returncode})", text.rstrip()))
     return out
 
 
@@ -392,7 +392,7 @@ def markdown(series: Series, args: argparse.Namespace, extra: list[tuple[str, st
         "",
     ]
     for command, text in extra:
-        lines += [f"## `{command}`", "", "```", text, "```", ""]
+        lines += [f"## {command}", "", "```", text, "```", ""]
     return "\n".join(lines)
 
 
