@@ -18,6 +18,7 @@ from api.errors import install as install_errors
 from api.guard import install as install_guard
 from api.hygiene import install as install_hygiene
 from api.listener import DoneListener
+from api.query import refuse_unknown_query
 from api.routes import batches, deliveries, files, health, jobs, online, status
 from sluice.config import Settings, get_settings
 from sluice.db import get_database
@@ -72,8 +73,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Self-hosted batch inference with an OpenAI-Batch-compatible API",
         version="0.1.0",
         lifespan=lifespan,
-        # Every route needs a live API key (api/auth.py), routes added later included.
-        dependencies=[Depends(authenticate)],
+        # Every route needs a live API key (api/auth.py), routes added later included; then
+        # a query parameter the route does not declare is a 400 naming it (api/query.py).
+        dependencies=[Depends(authenticate), Depends(refuse_unknown_query)],
         responses=AUTH_ERRORS,
         # /docs is served by api.hygiene from local files; ReDoc would load from a CDN.
         docs_url=None,

@@ -201,6 +201,11 @@ BAD_PATHS_AND_QUERIES = [
          "after_line"),
     Case("query: wait 1e309", "GET", "/v1/jobs/job_x?wait=1e309", 400, "invalid_value", "wait"),
     Case("query: wait -1", "GET", "/v1/jobs/job_x?wait=-1", 400, "invalid_value", "wait"),
+    Case("query: misspelt limit", "GET", "/v1/batches?limt=5", 400, "unknown_parameter",
+         "limt"),
+    Case("query: empty name", "GET", "/v1/batches?=0.0", 400, "unknown_parameter", ""),
+    Case("query: on a route with none", "GET", "/v1/models?x=1", 400, "unknown_parameter",
+         "x"),
 ]
 FILE_PARTS = [("purpose", None, b"batch")]
 BAD_UPLOADS = [
