@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import os
 import secrets
@@ -10,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from sluice.config import Settings
 from sluice.queue import broker_url
@@ -79,6 +80,9 @@ def flower_command(
         # handler, JSON like every other Sluice process's (sluice/logs.py).
         argv.append("--logging=none")
     env = {**os.environ, "FLOWER_BASIC_AUTH": credentials(settings).value}
+    # The task list shows each task's arguments (batch id, model, count) and its result
+    # ({done, total} while PROGRESS); Flower hides both by default. FLOWER_TASKS_COLUMNS wins.
+    env.setdefault("FLOWER_TASKS_COLUMNS", "name,uuid,state,args,result,received,runtime,worker")
     return argv, env
 
 
@@ -94,6 +98,22 @@ def describe(settings: Settings, auth: FlowerAuth, port: int | None = None) -> s
     return f"Flower at {flower_url(settings, port)} ({login})"
 
 
+def show_progress(task: Any) -> Any:
+    """Flower's pages write run_batch's {done, total} as "7 / 16 done" (the API keeps it)."""
+    result = getattr(task, "result", None)
+    # Flower hands this hook a copy of its task record. A running task's result is the dict
+    # (its list page prints "[object Object]"), a finished one's is the dict's repr (~110
+    # characters for run_batch; longer strings are some other task's and stay as they are).
+    if isinstance(result, str) and result.startswith("{") and len(result) < 1000:
+        try:
+            result = ast.literal_eval(result)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return task
+    if isinstance(result, dict) and {"done", "total"} <= result.keys():
+        task.result = f"{result['done']} / {result['total']} done"
+    return task
+
+
 def run_flower(settings: Settings, redis_url: str, port: int | None = None) -> NoReturn:
     """Serve Flower in this process until SIGINT or SIGTERM, then exit at once.
 
@@ -106,7 +126,9 @@ def run_flower(settings: Settings, redis_url: str, port: int | None = None) -> N
     def leave(_sig: int, _frame: FrameType | None) -> None:
         os._exit(0)
 
-    os.environ["FLOWER_BASIC_AUTH"] = env["FLOWER_BASIC_AUTH"]
+    os.environ.update({k: v for k, v in env.items() if k.startswith("FLOWER_")})
+    # format_task is a function, so only code (or flowerconfig.py) can set it.
+    vars(importlib.import_module("flower.options"))["options"].format_task = show_progress
     signal.signal(signal.SIGINT, leave)
     # Flower installs its SIGTERM handler by this module-level name when it starts.
     vars(importlib.import_module("flower.command"))["sigterm_handler"] = leave
