@@ -118,11 +118,14 @@ def cmd_flower(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_healthcheck(args: argparse.Namespace, settings: Settings) -> int:
-    """Exit 0 when this host's worker is alive (for container health checks)."""
-    from sluice.healthcheck import worker_alive
+    """Exit 0 when this host's worker or webhook sender is alive (container health checks)."""
+    from sluice.healthcheck import sender_alive, worker_alive
     from sluice.redis_server import ensure_redis
 
-    why = worker_alive(settings, ensure_redis(settings, detach=True).url)
+    if args.service == "webhooks":
+        why = sender_alive(settings)
+    else:
+        why = worker_alive(settings, ensure_redis(settings, detach=True).url)
     if why:
         print(f"unhealthy: {why}", file=sys.stderr)
         return 1
@@ -391,8 +394,8 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     w = sub.add_parser("webhooks", help="deliver webhook events (signed, retried)")
     w.add_argument("--enable", metavar="URL", help="re-enable a URL a 410 Gone disabled")
     w.set_defaults(fn=cmd_webhooks)
-    h = sub.add_parser("healthcheck", help="exit 0 if this host's worker is alive")
-    h.add_argument("service", choices=["worker"])
+    h = sub.add_parser("healthcheck", help="exit 0 if this host's worker or sender is alive")
+    h.add_argument("service", choices=["worker", "webhooks"])
     h.set_defaults(fn=cmd_healthcheck)
     s = sub.add_parser("worker", help="run a worker (one engine, one GPU)")
     s.add_argument("--loglevel", default="INFO")

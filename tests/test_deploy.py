@@ -88,7 +88,8 @@ def env(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
 
 def test_compose_services_run_natively(env: dict[str, Any], tmp_path: Path) -> None:
-    assert {"redis", "postgres", "migrate", "api", "worker", "flower"} <= set(COMPOSE["services"])
+    services = {"redis", "postgres", "migrate", "api", "worker", "webhooks", "flower"}
+    assert services <= set(COMPOSE["services"])
     gpu = COMPOSE["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
 
@@ -101,7 +102,9 @@ def test_compose_services_run_natively(env: dict[str, Any], tmp_path: Path) -> N
     procs = []
     try:
         with (tmp_path / "services.log").open("ab") as log:
-            for service, port in (("api", api_port), ("worker", None), ("flower", flower_port)):
+            running = [("api", api_port), ("worker", None), ("webhooks", None)]
+            running.append(("flower", flower_port))
+            for service, port in running:
                 cmd = _native(_command(service), port, broker_url(env["SLUICE_REDIS_URL"]))
                 procs.append(
                     subprocess.Popen(
@@ -124,7 +127,7 @@ def test_compose_services_run_natively(env: dict[str, Any], tmp_path: Path) -> N
         assert done["status"] == "succeeded" and done["output"] == "compose says hi"
         # Each service's own compose health check, run natively, passes.
         ports = {"8000": str(api_port), "5555": str(flower_port)}
-        for service in ("api", "worker", "flower"):
+        for service in ("api", "worker", "webhooks", "flower"):
             _wait_healthy(service, ports, _service_env(service, env, None))
         flower = httpx.Client(base_url=f"http://127.0.0.1:{flower_port}", timeout=10)
         # Never open: refused without the login, served with it.
@@ -191,7 +194,7 @@ def test_compose_file_follows_the_compose_spec() -> None:
     services = spec.services or {}
     # Every long-running service says when it is healthy; migrate runs once and exits.
     for name, service in COMPOSE["services"].items():
-        if name not in ("migrate", "webhooks"):
+        if name != "migrate":
             assert "healthcheck" in service, name
             assert services[name].healthcheck is not None
     worker = COMPOSE["services"]["worker"]["environment"]

@@ -17,6 +17,7 @@ import httpx
 
 from sluice.config import Settings
 from sluice.db import Database
+from sluice.healthcheck import touch_sender_heartbeat
 from sluice.ids import now as clock
 from sluice.store.deliveries import Attempt, Due, Outcome, claim, disabled_reason, record
 from sluice.webhooks.signing import headers
@@ -85,6 +86,7 @@ class Sender:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            touch_sender_heartbeat(self.settings)  # `sluice healthcheck webhooks` reads it
             claimed = 0
             try:
                 claimed = self.run_once()
