@@ -40,7 +40,7 @@ def _env(data_dir: Path, **extra: str) -> dict[str, str]:
         **env,
         "SLUICE_DATA_DIR": str(data_dir),
         "SLUICE_ENGINE": "sim",
-        # 8 slots, 20 decode steps of 50 ms per request: 64 requests take about 8 s.
+        # 8 slots, decode steps of 50 ms: a round of 8 requests of 40 tokens takes 2 s.
         "SLUICE_MAX_NUM_SEQS": "8",
         "SLUICE_SIM_DECODE_STEP": "0.05",
         "SLUICE_CHUNK_SIZE": str(CHUNK),
@@ -158,7 +158,10 @@ def test_flower_shows_worker_and_running_batch_with_progress(up: dict[str, Any])
         8,
     )
 
-    batch_id = _submit(up["api"])
+    # 40 tokens: each task sits at 8 / 16 for 2 s, and the worker samples progress once a
+    # second (worker/celery_app.py), so it cannot jump from 0 to 16 between two samples (with
+    # 20 tokens, 1 s rounds, both samples can fall outside that window).
+    batch_id = _submit(up["api"], max_tokens=40)
     task = _poll(lambda: _running(flower, batch_id), 30, "a running task with progress")[0]
     assert task["result"]["total"] == CHUNK
     # Arguments: batch id, model, request count; the ids summarised, never a prompt.
