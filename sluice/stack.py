@@ -32,6 +32,7 @@ from sluice.migrate import upgrade
 from sluice.queue import stats_key
 from sluice.redis_clients import sync_client
 from sluice.redis_server import ensure_redis
+from sluice.signals import sleep_until
 from sluice.store import work
 
 log = logging.getLogger("sluice.stack")
@@ -229,7 +230,8 @@ class Stack:
                 code = child.proc.poll()
                 if code is not None:
                     self._on_exit(child, code)
-            self._stopping.wait(poll)
+            # Not Event.wait: a Ctrl-C inside its lock can break it (sluice/signals.py).
+            sleep_until(self._stopping, poll)
 
     def _keep_redis(self) -> None:
         """Restart the embedded redis-server if it died: same socket, so everyone reconnects."""

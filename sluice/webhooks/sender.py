@@ -19,11 +19,14 @@ from sluice.config import Settings
 from sluice.db import Database
 from sluice.healthcheck import touch_sender_heartbeat
 from sluice.ids import now as clock
+from sluice.signals import interrupt_once, signals_held
 from sluice.store.deliveries import Attempt, Due, Outcome, claim, disabled_reason, record
 from sluice.webhooks.signing import headers
 from sluice.webhooks.ssrf import BlockedAddress, Resolver, safe_client, system_resolver
 
 log = logging.getLogger("sluice.webhooks")
+# How often the main thread looks whether the loop thread still runs.
+MAIN_THREAD_POLL = 0.5
 
 # What a receiver's body may add to the log (we need only its status).
 MAX_ERROR_TEXT = 500
@@ -75,14 +78,14 @@ class Sender:
         """Stop claiming; attempts under way finish (each bounded by the timeout)."""
         self._stop.set()
         self._wake.set()
-        if self._thread.ident is not None:  # started (run_forever loops in the caller's)
+        if self._thread.ident is not None:  # started
             self._thread.join(self.lease)
         self.pool.shutdown(wait=True)
         self.client.close()
 
-    def run_forever(self) -> None:
-        """Run in this thread until stop() (or KeyboardInterrupt)."""
-        self._loop()
+    def alive(self) -> bool:
+        """Whether the background loop is running."""
+        return self._thread.is_alive()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -199,15 +202,22 @@ def run_sender(settings: Settings) -> int:
     db = get_database(settings)
     sender: Sender | None = None
     try:  # SIGTERM arrives as KeyboardInterrupt, whenever it comes (even during start-up)
-        sender = Sender(settings, db)
+        # The loop runs in its own thread and this one only sleeps: a KeyboardInterrupt
+        # inside a lock could break it (sluice/signals.py). Start-up holds the signals back.
+        with signals_held():
+            interrupt_once()
+            sender = Sender(settings, db)
+            sender.start()
         if not sender.keys:
             log.warning("SLUICE_WEBHOOK_SECRET is not set: webhook URLs are refused by the API")
         log.info("webhook sender %s started", sender.owner)
-        sender.run_forever()
+        while sender.alive():
+            time.sleep(MAIN_THREAD_POLL)
+        log.error("the webhook sender's loop ended on its own")
+        return 1
     except KeyboardInterrupt:
-        pass
+        return 0
     finally:
         if sender is not None:
             sender.stop()
         db.dispose()
-    return 0
