@@ -11,7 +11,9 @@ from redis.asyncio import Redis
 
 from api.auth import Caller, get_owner, get_scope, require_admin
 from api.backpressure import QueueGauge
+from api.errors import ApiError
 from api.listener import DoneListener
+from sluice.aliases import known_models, resolve_model
 from sluice.config import Settings
 from sluice.db import Database
 
@@ -79,3 +81,16 @@ Cursor = Annotated[
     str | None,
     Query(pattern=ID_PATTERN, max_length=64, description="List after this id (pagination)."),
 ]
+
+
+def served_model(settings: Settings, name: str) -> str:
+    """The served model a client's name (or alias) means; 404 model_not_found listing them."""
+    served = resolve_model(settings, name)
+    if served is None:
+        raise ApiError(
+            404,
+            f"model {name!r} is not served here (available: {', '.join(known_models(settings))})",
+            code="model_not_found",
+            param="model",
+        )
+    return served

@@ -10,11 +10,10 @@ from fastapi import APIRouter, Path
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from api.deps import AppState, DbDep, RedisDep, SettingsDep, StateDep
+from api.deps import AppState, DbDep, RedisDep, SettingsDep, StateDep, served_model
 from api.docs import COMMON, ERRORS
-from api.errors import ApiError
 from api.workers import models_without_worker, read_workers
-from sluice.aliases import aliases, known_models
+from sluice.aliases import aliases
 from sluice.config import Settings
 from sluice.db import Database
 
@@ -135,12 +134,5 @@ async def list_models(settings: SettingsDep) -> dict[str, Any]:
 @router.get("/v1/models/{model_id:path}", responses=ERRORS)
 async def get_model(model_id: Annotated[str, MODEL_ID], settings: SettingsDep) -> dict[str, Any]:
     """One served model or alias."""
-    for model in _models(settings):
-        if model["id"] == model_id:
-            return model
-    raise ApiError(
-        404,
-        f"model {model_id!r} is not served here (available: {', '.join(known_models(settings))})",
-        code="model_not_found",
-        param="model",
-    )
+    served_model(settings, model_id)  # 404 naming the served names when it is neither
+    return next(m for m in _models(settings) if m["id"] == model_id)

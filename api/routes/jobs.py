@@ -12,13 +12,21 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import CallerDep, check_queued
-from api.deps import CeleryDep, DbDep, OwnerDep, RedisDep, ResourceId, ScopeDep, StateDep
+from api.deps import (
+    CeleryDep,
+    DbDep,
+    OwnerDep,
+    RedisDep,
+    ResourceId,
+    ScopeDep,
+    StateDep,
+    served_model,
+)
 from api.docs import ERRORS, SUBMIT_ERRORS
 from api.errors import ApiError
 from api.listener import DoneListener
 from api.publish import publish_cancel, publish_created
 from api.routes.deliveries import WEBHOOK_URL_DOC, KeyWebhookDep, webhook_for
-from sluice.aliases import known_models, resolve_model
 from sluice.config import Settings
 from sluice.db import Database
 from sluice.errors import InvalidInput
@@ -104,15 +112,7 @@ def check_body(body: dict[str, Any], settings: Settings) -> tuple[str, dict[str,
             param="model",
             code="invalid_value",
         )
-    served = resolve_model(settings, model)
-    if served is None:
-        raise ApiError(
-            404,
-            f"model {model!r} is not served here (available: {', '.join(known_models(settings))})",
-            code="model_not_found",
-            param="model",
-        )
-    body["model"] = served
+    body["model"] = served_model(settings, model)
     if "max_completion_tokens" not in body:
         body.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
     endpoint = CHAT if "messages" in body else COMPLETIONS

@@ -21,12 +21,11 @@ from redis.exceptions import RedisError
 from sqlalchemy.engine import RowMapping
 
 from api.auth import CallerDep, check_queued
-from api.deps import OwnerDep, StateDep
+from api.deps import OwnerDep, StateDep, served_model
 from api.docs import SUBMIT_ERRORS
 from api.errors import ApiError
 from api.publish import publish_cancel, publish_created
 from api.sse import DONE, Chunks, error_event
-from sluice.aliases import known_models, resolve_model
 from sluice.config import Settings
 from sluice.deltas import stream_key
 from sluice.errors import Conflict, InvalidInput, NotFound
@@ -53,15 +52,7 @@ def check_online(endpoint: str, body: dict[str, Any], settings: Settings) -> dic
     model = body.get("model", settings.served_model)
     if not isinstance(model, str) or not model:
         raise InvalidInput("model must be a model name", param="model", code="invalid_value")
-    served = resolve_model(settings, model)
-    if served is None:
-        raise ApiError(
-            404,
-            f"model {model!r} is not served here (available: {', '.join(known_models(settings))})",
-            code="model_not_found",
-            param="model",
-        )
-    body["model"] = served
+    body["model"] = served_model(settings, model)
     if "max_completion_tokens" not in body:
         body.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
     parse_body(
