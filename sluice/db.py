@@ -15,6 +15,9 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from sluice.config import Settings
 
+# How long SQLite waits for another connection's lock before "database is locked".
+SQLITE_BUSY_SECONDS = 60.0
+
 
 class Database:
     """A database URL's engines: `write()` for transactions, `read()` for queries."""
@@ -95,19 +98,40 @@ def _ping_idle_connections(engine: Engine, after: float) -> None:
             raise exc.DisconnectionError(f"idle connection is dead: {err}") from err
 
 
+def use_wal(dbapi_conn: sqlite3.Connection, within: float = SQLITE_BUSY_SECONDS) -> None:
+    """Put the SQLite database in WAL mode, waiting out other connections' locks.
+
+    The switch needs the file to itself, and SQLite answers "database is locked" at once,
+    without its busy handler, while another connection holds it: several processes opening a
+    fresh file together (four concurrent upgrades in CI; sluice up's API and worker) lost one.
+    """
+    deadline = time.monotonic() + within
+    delay = 0.005
+    while True:
+        try:
+            dbapi_conn.execute("PRAGMA journal_mode=WAL").close()
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)  # a retry with backoff, as a busy handler would
+            delay = min(2 * delay, 0.1)
+
+
 def _sqlite_engine(url: str, begin: str) -> Engine:
     engine = create_engine(
-        url, hide_parameters=True, connect_args={"timeout": 60, "check_same_thread": False}
+        url,
+        hide_parameters=True,
+        connect_args={"timeout": SQLITE_BUSY_SECONDS, "check_same_thread": False},
     )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
         # Let SQLAlchemy drive transactions; pysqlite's own BEGIN handling is off.
         dbapi_conn.isolation_level = None
+        use_wal(dbapi_conn)
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA busy_timeout=60000")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 

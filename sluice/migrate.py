@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
+from sluice.db import SQLITE_BUSY_SECONDS, use_wal
 from sluice.errors import ConfigError
 
 # migrations/ sits beside the sluice package in a source checkout and an editable install.
@@ -70,7 +71,7 @@ def migration_engine(database_url: str) -> Engine:
     parsed = make_url(url)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 60})
+    engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": SQLITE_BUSY_SECONDS})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
@@ -78,10 +79,7 @@ def migration_engine(database_url: str) -> Engine:
         # foreign_keys stays OFF: batch mode rebuilds tables by DROP + RENAME, and with
         # it ON dropping `batches` would cascade-delete every request.
         dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA busy_timeout=60000")
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.close()
+        use_wal(dbapi_conn)
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from sqlalchemy import create_engine, insert, inspect, select
 from sqlalchemy.engine import make_url
 
 from sluice import migrate
+from sluice.db import use_wal
 from sluice.models import Base, Batch, Request
 from sluice.scratch import scratch_database
 
@@ -133,6 +136,38 @@ def test_concurrent_upgrades_do_not_collide(database_url: str) -> None:
     assert [p.exitcode for p in procs] == [0, 0, 0, 0]
     assert migrate.current_revision(database_url) == migrate.head_revision()
     assert _diffs(database_url) == []
+
+
+def test_switching_to_wal_waits_out_another_writer(tmp_path: Path) -> None:
+    # SQLite answers "database is locked" at once, without its busy handler, when a
+    # connection switches a file to WAL while another holds a write transaction on it: one of
+    # four concurrent upgrades of a fresh file died of it in CI. use_wal tries again.
+    path = tmp_path / "fresh.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("CREATE TABLE t (x)")
+    switcher = sqlite3.connect(path, isolation_level=None)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        use_wal(switcher, within=0.2)  # bounded: still locked after the deadline
+    attempts: list[str] = []
+    retried = threading.Event()
+
+    def trace(statement: str) -> None:
+        attempts.append(statement)
+        if len(attempts) == 2:  # the first attempt failed and a second one began
+            retried.set()
+
+    def commit_once_retried() -> None:
+        retried.wait(30)
+        holder.execute("COMMIT")
+
+    switcher.set_trace_callback(trace)
+    committer = threading.Thread(target=commit_once_retried)
+    committer.start()
+    use_wal(switcher)
+    committer.join()
+    assert switcher.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert len(attempts) >= 2
 
 
 def test_alembic_cli_uses_settings(tmp_path: Path) -> None:
