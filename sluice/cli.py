@@ -29,7 +29,8 @@ def _stop_on_signals() -> None:
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     """API + worker + embedded Redis + SQLite in one command."""
     from sluice.firstrun import problem, serving_line
-    from sluice.stack import Stack, data_dir_lock, port_in_use
+    from sluice.signals import request_stop_on_signals
+    from sluice.stack import Stack, StopRequested, data_dir_lock, port_in_use
 
     if (why := problem(settings)) is not None:
         print(f"sluice up: {why}", file=sys.stderr)
@@ -49,9 +50,22 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
             # Made here, before Flower starts, so this process knows to print a new login.
             flower_auth = credentials(settings)
-        stack = Stack(settings, args.host, args.port, flower_port=flower_port)
-        _stop_on_signals()
+        stop_early = False
+        stack: Stack | None = None
+
+        def request_stop() -> None:  # in a signal handler: it only sets flags
+            nonlocal stop_early
+            stop_early = True
+            if stack is not None:
+                stack.request_stop()
+
+        # No exception lands inside a Popen or a lock: a first signal sets a flag the stack's
+        # loops poll; a second raises KeyboardInterrupt (stop at once).
+        request_stop_on_signals(request_stop)
         try:
+            stack = Stack(settings, args.host, args.port, flower_port=flower_port)
+            if stop_early:
+                stack.request_stop()
             stack.start()
             print(
                 f"Sluice is up at {stack.url} (engine {settings.engine}, model "
@@ -64,15 +78,16 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             if flower_port is not None:
                 print(describe(settings, flower_auth, flower_port), flush=True)
             stack.supervise()
-            return 0
-        except KeyboardInterrupt:
-            print("stopping... (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
-            return 0
+        except (StopRequested, KeyboardInterrupt):
+            pass
         finally:
-            try:
-                stack.stop()
-            except KeyboardInterrupt:
-                stack.kill()
+            if stack is not None:
+                print("stopping... (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+                try:
+                    stack.stop()
+                except KeyboardInterrupt:
+                    stack.kill()
+        return 0
 
 
 def _auth_line(settings: Settings) -> str:
@@ -457,6 +472,9 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sluice` console script."""
+    from sluice.signals import die_with_supervisor
+
+    die_with_supervisor()  # a child of `sluice up` or `sluice run` dies with it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         settings = get_settings()

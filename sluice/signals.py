@@ -9,14 +9,23 @@ no lock, so main-thread loops sleep and poll a flag; start-up runs with the sign
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+# What a supervisor stops on: a closed terminal (SIGHUP) too, since its children, in sessions
+# of their own, no longer get the terminal's signals.
+SUPERVISOR_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Set in a supervised child's environment: the supervisor's pid (see die_with_supervisor).
+SUPERVISOR_PID_ENV = "SLUICE_SUPERVISOR_PID"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @contextmanager
@@ -33,10 +42,10 @@ def signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def sleep_until(flag: threading.Event, seconds: float) -> None:
-    """Sleep up to `seconds`, waking early (within 50 ms) once `flag` is set; lock-free."""
+def sleep_until(done: Callable[[], bool], seconds: float) -> None:
+    """Sleep up to `seconds`, waking early (within 50 ms) once `done()` is true; lock-free."""
     deadline = time.monotonic() + seconds
-    while not flag.is_set():
+    while not done():
         left = deadline - time.monotonic()
         if left <= 0:
             return
@@ -58,3 +67,34 @@ def interrupt_once() -> None:
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, handler)
+
+
+def request_stop_on_signals(request_stop: Callable[[], None]) -> None:
+    """For a supervisor's main thread: the first SIGINT, SIGTERM or SIGHUP calls
+    `request_stop` (which must only set a flag its loops poll); another one raises
+    KeyboardInterrupt, to stop at once."""
+    requested = False
+
+    def handler(_sig: int, _frame: FrameType | None) -> None:
+        nonlocal requested
+        if requested:
+            raise KeyboardInterrupt
+        requested = True
+        request_stop()
+
+    for sig in SUPERVISOR_STOP_SIGNALS:
+        signal.signal(sig, handler)
+
+
+def die_with_supervisor() -> None:
+    """In a supervised child (SUPERVISOR_PID_ENV set): get SIGTERM when the supervisor dies,
+    even by SIGKILL, so nothing it started outlives it (Linux; elsewhere a no-op)."""
+    supervisor = os.environ.pop(SUPERVISOR_PID_ENV, None)
+    if supervisor is None or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        return  # not permitted here: the supervisor's own stop still reaches this process
+    if os.getppid() != int(supervisor):
+        # The supervisor died before prctl took effect: stop as it would have told us to.
+        os.kill(os.getpid(), signal.SIGTERM)

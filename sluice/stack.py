@@ -32,7 +32,7 @@ from sluice.migrate import upgrade
 from sluice.queue import stats_key
 from sluice.redis_clients import sync_client
 from sluice.redis_server import ensure_redis
-from sluice.signals import sleep_until
+from sluice.signals import SUPERVISOR_PID_ENV, sleep_until
 from sluice.store import work
 
 log = logging.getLogger("sluice.stack")
@@ -101,6 +101,10 @@ class Child:
         return self.args[0]
 
 
+class StopRequested(Exception):
+    """A stop signal came while the stack was starting."""
+
+
 class Stack:
     """API + worker (+ embedded Redis when none is configured), as child processes."""
 
@@ -120,6 +124,8 @@ class Stack:
         self.quiet = quiet
         self.children: list[Child] = []
         self._stopping = threading.Event()
+        # Set from a signal handler (request_stop), so a plain flag: no lock to land inside.
+        self.stop_requested = False
         self.redis = ensure_redis(settings)
         self.url = f"http://{host}:{port}"
         # The local admin key (DATA_DIR/api-key), made by start() once the tables exist.
@@ -169,27 +175,46 @@ class Stack:
             env = {**env, "SLUICE_WORKER_ID": f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"}
         proc = subprocess.Popen(
             [sys.executable, "-m", "sluice.cli", *args],
-            env={**self.child_env(), **env},
+            env={**self.child_env(), **env, SUPERVISOR_PID_ENV: str(os.getpid())},
             stdout=stream,
             stderr=subprocess.STDOUT if self.quiet else None,
+            # Own session: a terminal's Ctrl-C reaches this process alone, which stops the
+            # children in order, once each; they die with it all the same (SUPERVISOR_PID_ENV).
+            start_new_session=True,
         )
         if stream is not None:
             stream.close()  # the child holds its own copy
         return proc, time.monotonic(), env.get("SLUICE_WORKER_ID")
 
+    def request_stop(self) -> None:
+        """Ask start() and supervise() to return (safe in a signal handler: sets a flag)."""
+        self.stop_requested = True
+
+    def _should_stop(self) -> bool:
+        return self.stop_requested or self._stopping.is_set()
+
+    def _check_stop(self) -> None:
+        if self._should_stop():
+            raise StopRequested
+
     def start(self, timeout: float = 120.0) -> None:
-        """Migrate, start the API and one worker, wait until the API answers /readyz."""
+        """Migrate, start the API and one worker, wait until the API answers /readyz;
+        StopRequested if request_stop() was called meanwhile."""
         upgrade(self.settings.resolved_database_url)
         db = Database(self.settings.resolved_database_url)
         try:
             self.api_key = ensure_local_key(self.settings, db)
         finally:
             db.dispose()
+        self._check_stop()
         self.spawn("api", "--host", self.host, "--port", str(self.port))
+        self._check_stop()
         self.spawn("worker")
+        self._check_stop()
         # Webhook delivery in a process of its own: a slow receiver never touches an engine.
         self.spawn("webhooks")
         if self.flower_port is not None:
+            self._check_stop()
             # Supervised like the others; its login comes from settings (sluice/flower.py).
             self.spawn("flower", env={"SLUICE_FLOWER_PORT": str(self.flower_port)})
         self._wait_ready(timeout)
@@ -197,6 +222,7 @@ class Stack:
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            self._check_stop()
             for name, p in zip(self.names, self.procs, strict=True):
                 if p.poll() is not None:
                     raise RuntimeError(
@@ -213,13 +239,13 @@ class Stack:
                     deadline = max(deadline, time.monotonic() + timeout)
             except httpx.HTTPError:
                 pass
-            time.sleep(0.2)
+            sleep_until(self._should_stop, 0.2)
         raise RuntimeError(f"the API did not become ready at {self.url} in {timeout:.0f}s")
 
     def supervise(self, poll: float = 0.2) -> None:
         """Keep every child running until interrupted: restart what exits, with a backoff
         when it crash-loops, releasing a dead worker's leases first."""
-        while not self._stopping.is_set():
+        while not self._should_stop():
             self._keep_redis()
             now = time.monotonic()
             for child in self.children:
@@ -231,12 +257,12 @@ class Stack:
                 if code is not None:
                     self._on_exit(child, code)
             # Not Event.wait: a Ctrl-C inside its lock can break it (sluice/signals.py).
-            sleep_until(self._stopping, poll)
+            sleep_until(self._should_stop, poll)
 
     def _keep_redis(self) -> None:
         """Restart the embedded redis-server if it died: same socket, so everyone reconnects."""
         server = self.redis.server
-        if server is None or not self.redis.owned or server.running or self._stopping.is_set():
+        if server is None or not self.redis.owned or server.running or self._should_stop():
             return
         print("the embedded redis-server exited; restarting it (it keeps nothing: the "
               "database is the queue)", file=sys.stderr, flush=True)  # fmt: skip
@@ -247,7 +273,7 @@ class Stack:
 
     def _on_exit(self, child: Child, code: int) -> None:
         """A child died: say so, release a worker's leases, schedule the restart."""
-        if self._stopping.is_set():
+        if self._should_stop():
             return
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         ran = time.monotonic() - child.started
@@ -299,7 +325,7 @@ class Stack:
 
     def _restart(self, child: Child) -> None:
         child.restart_at = None
-        if self._stopping.is_set():
+        if self._should_stop():
             return
         child.proc, child.started, child.worker_id = self._popen(child.args, child.extra_env)
 

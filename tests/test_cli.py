@@ -280,6 +280,37 @@ def test_ctrl_c_stops_everything_without_tracebacks(tmp_path: Path) -> None:
         assert len(family) >= 3
         # A terminal's Ctrl-C: SIGINT to the whole foreground process group.
         os.killpg(proc.pid, signal.SIGINT)
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            still = [" ".join(p.cmdline()[:4]) for p in family if p.is_running()]
+            raise AssertionError(
+                f"sluice up still running 60 s after Ctrl-C; children alive: {still}\n"
+                + errors.read_text()[-3000:]
+            ) from None
+        assert code == 0
+        _gone, alive = psutil.wait_procs(family, timeout=30)
+        assert not alive, f"left running: {alive}"
+        assert "Traceback" not in errors.read_text(), errors.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_ctrl_c_during_start_up_stops_everything_without_tracebacks(tmp_path: Path) -> None:
+    # Ctrl-C while the children are still importing: only `sluice up` gets it (they run in
+    # sessions of their own), and it stops each of them once, in order.
+    errors = tmp_path / "up.err"
+    with open(errors, "w") as err:
+        proc = subprocess.Popen(
+            [*SLUICE, "up", "--port", str(free_port())], env=_env(tmp_path),
+            stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+        )  # fmt: skip
+    try:
+        family = _children_once_started(proc, "worker")
+        # The terminal's process group holds `sluice up` alone.
+        assert all(os.getsid(c.pid) != os.getsid(proc.pid) for c in family)
+        os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(60) == 0
         _gone, alive = psutil.wait_procs(family, timeout=30)
         assert not alive, f"left running: {alive}"
@@ -287,6 +318,34 @@ def test_ctrl_c_stops_everything_without_tracebacks(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_children_die_with_a_killed_up(tmp_path: Path) -> None:
+    # SIGKILL gives `sluice up` no chance to stop anything: its children, in sessions of their
+    # own, must not run on without their supervisor (the embedded redis-server stays: the
+    # next `sluice up` reuses it).
+    proc, _errors = _start_up(tmp_path, free_port())
+    family = [
+        c for c in psutil.Process(proc.pid).children(recursive=True) if "sluice.cli" in c.cmdline()
+    ]
+    assert {c.cmdline()[3] for c in family} >= {"api", "worker", "webhooks"}
+    proc.kill()
+    proc.wait(30)
+    _gone, alive = psutil.wait_procs(family, timeout=60)
+    for straggler in alive:
+        straggler.kill()
+    assert not alive, f"left running without their supervisor: {alive}"
+
+
+def _children_once_started(proc: subprocess.Popen[bytes], command: str) -> list[psutil.Process]:
+    """`sluice up`'s children, as soon as it has started `sluice COMMAND`."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        family = psutil.Process(proc.pid).children(recursive=True)
+        if any(command in c.cmdline() for c in family if c.is_running()):
+            return family
+        time.sleep(0.01)
+    raise AssertionError(f"sluice up did not start {command} in 60 s")
 
 
 def test_a_second_up_on_a_busy_port_or_data_dir_says_so(tmp_path: Path) -> None:
