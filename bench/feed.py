@@ -54,7 +54,7 @@ from sluice.models import batches, requests
 from sluice.queue import make_celery
 from sluice.stack import Stack, free_port
 from worker.engines.base import GenRequest, Sampling
-from worker.engines.sim import SimEngine
+from worker.engines.sim import SimEngine, SimSettings
 from worker.stats import read_stats
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -621,14 +621,11 @@ def engine_alone_ms_per_step(steps: int = 200) -> float:
     time.sleep wakes up late by a fraction of a millisecond on most machines; the sim counts
     that as busy step time, so it is part of every ms/step here, not a feeding loss.
     """
-    settings = load_settings(
-        engine="sim",
-        max_num_seqs=SLOTS,
-        sim_decode_step=DECODE_STEP,
-        sim_decode_per_seq=DECODE_PER_SEQ,
-        sim_prefill_per_token=0.0,
+    settings = load_settings(engine="sim", max_num_seqs=SLOTS)
+    timing = SimSettings.load(
+        sim_decode_step=DECODE_STEP, sim_decode_per_seq=DECODE_PER_SEQ, sim_prefill_per_token=0.0
     )
-    engine = SimEngine(settings)
+    engine = SimEngine(settings, timing)
     for i in range(SLOTS):
         engine.add(GenRequest(id=i, prompt="a b", sampling=Sampling(max_tokens=steps)))
     t0 = time.monotonic()

@@ -389,7 +389,7 @@ def run_sluice(
     import httpx
 
     from sluice.client import Client
-    from sluice.config import load_settings
+    from sluice.config import load_settings, split_settings
     from sluice.stack import Stack, free_port
 
     gc = load_gpu_check()
@@ -398,7 +398,7 @@ def run_sluice(
     data_dir.mkdir(parents=True)
     with _database(kind, data_dir) as (db_url, pg_name):
         o = {**overrides, "data_dir": data_dir, "database_url": db_url, "redis_url": None}
-        settings = load_settings(**o)
+        settings = load_settings(**split_settings(o)[0])  # the engine's own go by env
         env = {**gc.to_env(o), **(extra_env or {})}
         env.pop("SLUICE_REDIS_URL", None)  # the stack's embedded Redis
         stack = Stack(settings, "127.0.0.1", free_port(), env=env, quiet=True)

@@ -1,12 +1,13 @@
-"""Settings: the only reader of environment variables (prefix SLUICE_)."""
+"""Settings: with each engine's own (worker/engines/), the only reader of SLUICE_ variables."""
 
 from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, AliasChoices, Field, ValidationError, model_validator
@@ -88,26 +89,12 @@ class Settings(BaseSettings):
     worker_threads: int | None = Field(None, ge=1, le=4096)
     write_batch_max: int = Field(2000, ge=1)
 
-    # Engine (vLLM names; the others use what applies to them)
+    # Every engine: how many sequences it runs at once (its slots; vLLM's max_num_seqs), the
+    # context length (prompt plus output tokens), the seed of requests without their own.
+    # Each engine reads its other settings itself (EngineSettings in worker/engines/).
     max_num_seqs: int = Field(256, ge=1)
     max_model_len: int = Field(8192, ge=16)
-    max_num_batched_tokens: int | None = Field(None, ge=16)
-    # None: vLLM reads the checkpoint's own method (AWQ INT4 -> awq_marlin where supported).
-    quantization: str | None = None
-    dtype: str = "auto"
-    gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
-    enable_prefix_caching: bool = True
-    kv_cache_dtype: str = "auto"
-    tensor_parallel_size: int = Field(1, ge=1)
-    enforce_eager: bool = False
-    load_format: str = "auto"
     seed: int = 0
-    device: str = "auto"
-
-    # sim engine: a continuous-batching GPU's timing (defaults: an 8B model on one H100)
-    sim_prefill_per_token: float = Field(0.00002, ge=0)
-    sim_decode_step: float = Field(0.010, ge=0)
-    sim_decode_per_seq: float = Field(0.00005, ge=0)
 
     # Limits
     max_file_bytes: int = Field(200 * 1024 * 1024, ge=1)
@@ -187,8 +174,6 @@ class Settings(BaseSettings):
             r"^(redis|rediss|redis\+socket|unix)://", self.redis_url
         ):
             raise ValueError("SLUICE_REDIS_URL must start with redis://, rediss:// or unix://")
-        if self.engine == "vllm" and self.tensor_parallel_size > 1 and self.worker_threads == 1:
-            raise ValueError("SLUICE_WORKER_THREADS must exceed 1 for the vllm engine")
         self._check_aliases()
         try:
             parse_secrets(self.webhook_secret)
@@ -278,15 +263,31 @@ class Settings(BaseSettings):
 
 def load_settings(**overrides: object) -> Settings:
     """Read and validate settings, turning errors into one clear ConfigError."""
+    # Settings ignores unknown SLUICE_ variables (an engine's own, a newer release's), but an
+    # unknown keyword here is a caller's mistake, perhaps an engine setting (load_engine).
+    unknown = sorted(set(overrides) - set(Settings.model_fields))
+    if unknown:
+        raise ConfigError(f"unknown settings: {', '.join(unknown)}")
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = "_".join(str(p) for p in err["loc"]).upper()
-            name = f"SLUICE_{loc}" if loc else "settings"
-            problems.append(f"{name}: {err['msg']}")
-        raise ConfigError("invalid settings: " + "; ".join(problems)) from None
+        raise ConfigError(invalid_settings(exc)) from None
+
+
+def split_settings(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Settings' own keys, and the rest (an engine's own settings: load_engine takes them)."""
+    shared = {k: v for k, v in values.items() if k in Settings.model_fields}
+    return shared, {k: v for k, v in values.items() if k not in shared}
+
+
+def invalid_settings(exc: ValidationError) -> str:
+    """One line naming each SLUICE_ variable that failed validation, and why."""
+    problems = []
+    for err in exc.errors():
+        loc = "_".join(str(p) for p in err["loc"]).upper()
+        name = f"SLUICE_{loc}" if loc else "settings"
+        problems.append(f"{name}: {err['msg']}")
+    return "invalid settings: " + "; ".join(problems)
 
 
 @lru_cache(maxsize=1)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from sluice.config import load_settings
+from sluice.config import load_settings, split_settings
 from sluice.sampling import COMPLETIONS, parse_body
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,20 +173,23 @@ def test_both_runs_read_the_same_settings(tmp_path: Path, monkeypatch: pytest.Mo
     choice = gc.choose_model(True, {}, False, tmp_path / "d")
     args = Namespace(n=70_000, max_model_len=2048, max_num_seqs=128, gpu_memory_utilization=0.8)
     overrides = gc.engine_overrides(choice, args, tmp_path / "data")
-    direct = load_settings(**overrides)
-    for key, value in gc.to_env(overrides).items():
+    shared, own = split_settings(overrides)
+    direct = load_settings(**shared)
+    env = gc.to_env(overrides)
+    for key, value in env.items():
         monkeypatch.setenv(key, value)
     from_env = load_settings()
-    for knob in gc.ENGINE_KNOBS:
-        if knob == "scheduling_policy":  # set by the adapter itself, not a setting
-            continue
-        got, want = getattr(from_env, knob), getattr(direct, knob)
-        # None reaches the child as "" (the adapter maps both to None).
-        assert (got or None) == (want or None), knob
-    assert from_env.engine == "vllm" and from_env.load_format == "dummy"
+    for knob in shared:
+        assert getattr(from_env, knob) == getattr(direct, knob), knob
+    assert from_env.engine == "vllm"
     assert from_env.max_num_seqs == 128 and from_env.max_model_len == 2048
     assert from_env.max_file_lines == 70_000
     assert from_env.accepted_models == [gc.DUMMY_NAME] == [from_env.served_model]
+    # vLLM's own settings reach the worker and the raw run as SLUICE_ variables too; the
+    # vLLM engine reads them (VLLMSettings: tests/vllm/test_engine.py reads these back).
+    assert own == {"load_format": "dummy", "quantization": None, "gpu_memory_utilization": 0.8}
+    assert env["SLUICE_LOAD_FORMAT"] == "dummy" and env["SLUICE_QUANTIZATION"] == ""
+    assert env["SLUICE_GPU_MEMORY_UTILIZATION"] == "0.8"
 
 
 def test_table_and_ratio() -> None:

@@ -19,7 +19,7 @@ from sluice.redis_server import ensure_redis, shutdown_embedded
 from sluice.sampling import COMPLETIONS
 from sluice.store.batches import create_job
 from worker.engines.echo import EchoEngine
-from worker.engines.sim import SimEngine
+from worker.engines.sim import SimEngine, SimSettings
 from worker.runner import Runner
 from worker.stats import (
     STATS_TTL_SECONDS,
@@ -29,6 +29,12 @@ from worker.stats import (
 )
 
 MODEL = "sluice-sim"
+
+
+# 2 ms per decode step, nothing else: a small, steady load to measure.
+SIM_TIMING = SimSettings.load(
+    sim_decode_step=0.002, sim_decode_per_seq=0.0, sim_prefill_per_token=0.0
+)
 
 
 @pytest.fixture
@@ -41,9 +47,6 @@ def settings(tmp_path: Path) -> Iterator[Settings]:
         engine="sim",
         model=MODEL,
         max_num_seqs=4,
-        sim_decode_step=0.002,
-        sim_decode_per_seq=0.0,
-        sim_prefill_per_token=0.0,
     )
     yield s
     shutdown_embedded(s)
@@ -78,7 +81,7 @@ def _jobs(db: Database, max_tokens: list[int]) -> list[int]:
 def test_publishes_meter_and_counters_of_a_real_run(
     settings: Settings, db: Database, client: redis.Redis
 ) -> None:
-    engine = SimEngine(settings)
+    engine = SimEngine(settings, SIM_TIMING)
     runner = Runner(settings, db, engine, owner="host:1:abc")
     lengths = [5, 3, 8, 1, 4, 6, 2, 7]
     ids = _jobs(db, lengths)
@@ -116,7 +119,7 @@ def test_engine_without_meter_publishes_counters_only(
 def test_publisher_repeats_and_publishes_on_stop(
     settings: Settings, db: Database, client: redis.Redis
 ) -> None:
-    engine = SimEngine(settings)
+    engine = SimEngine(settings, SIM_TIMING)
     runner = Runner(settings, db, engine, owner="w3")
     publisher = StatsPublisher(client, "w3", engine, runner, interval=0.05)
     publisher.start()

@@ -15,21 +15,20 @@ from worker.engines import load_engine
 from worker.engines.base import Engine, GenRequest, GenResult, Sampling
 from worker.engines.echo import EchoEngine
 from worker.engines.meter import OccupancyMeter
-from worker.engines.sim import SimEngine
+from worker.engines.sim import SimEngine, SimSettings
 from worker.engines.text import apply_stop, count_words, render_chat
 
 PROMPT = "one two three four five six seven eight nine ten"
 
 
 def settings(**overrides: Any) -> Settings:
-    base: dict[str, Any] = {
-        "max_num_seqs": 4,
-        "max_model_len": 4096,
-        "sim_decode_step": 0.0,
-        "sim_decode_per_seq": 0.0,
-        "sim_prefill_per_token": 0.0,
-    }
-    return load_settings(**{**base, **overrides})
+    return load_settings(**{"max_num_seqs": 4, "max_model_len": 4096, **overrides})
+
+
+def sim(slots: int = 4, **timing: float) -> SimEngine:
+    """A sim engine with `slots` and its own timing settings (zero unless given)."""
+    zero = {"sim_decode_step": 0.0, "sim_decode_per_seq": 0.0, "sim_prefill_per_token": 0.0}
+    return SimEngine(settings(max_num_seqs=slots), SimSettings.load(**{**zero, **timing}))
 
 
 def req(rid: int, prompt: str = PROMPT, priority: int = 1, **sampling: Any) -> GenRequest:
@@ -133,7 +132,7 @@ def test_echo_abort_returns_abort_and_spares_the_rest() -> None:
 
 
 def test_sim_generates_exactly_max_tokens_one_token_per_step() -> None:
-    engine = SimEngine(settings(max_num_seqs=4))
+    engine = sim(4)
     for rid, n in enumerate([1, 3, 7, 25], start=1):
         engine.add(req(rid, prompt="alpha beta", max_tokens=n))
     finished_at: dict[int, int] = {}
@@ -149,7 +148,7 @@ def test_sim_generates_exactly_max_tokens_one_token_per_step() -> None:
 
 
 def test_sim_output_cycles_the_prompt_and_honours_stop() -> None:
-    engine = SimEngine(settings())
+    engine = sim()
     engine.add(req(1, prompt="a b c", max_tokens=7))
     engine.add(req(2, prompt="a b c", max_tokens=7, stop=("c a",)))
     results = {r.id: r for r in drain(engine)}
@@ -162,7 +161,7 @@ def test_sim_output_cycles_the_prompt_and_honours_stop() -> None:
 
 
 def test_sim_admits_interactive_before_bulk_when_slots_are_full() -> None:
-    engine = SimEngine(settings(max_num_seqs=1))
+    engine = sim(1)
     engine.add(req(1, max_tokens=2))
     engine.step()  # 1 holds the only slot
     engine.add(req(2, max_tokens=2, priority=1))
@@ -172,7 +171,7 @@ def test_sim_admits_interactive_before_bulk_when_slots_are_full() -> None:
 
 
 def test_sim_abort_frees_slots_and_reports_abort() -> None:
-    engine = SimEngine(settings(max_num_seqs=1))
+    engine = sim(1)
     engine.add(req(1, max_tokens=10))
     engine.add(req(2, max_tokens=10))
     engine.add(req(3, max_tokens=2))
@@ -189,14 +188,7 @@ def test_sim_abort_frees_slots_and_reports_abort() -> None:
 
 
 def test_sim_step_takes_decode_and_prefill_time() -> None:
-    engine = SimEngine(
-        settings(
-            max_num_seqs=4,
-            sim_decode_step=0.02,
-            sim_decode_per_seq=0.01,
-            sim_prefill_per_token=0.002,
-        )
-    )
+    engine = sim(4, sim_decode_step=0.02, sim_decode_per_seq=0.01, sim_prefill_per_token=0.002)
     engine.add(req(1, max_tokens=2))  # 10 prompt words each
     engine.add(req(2, max_tokens=2))
     t0 = time.monotonic()
@@ -210,7 +202,7 @@ def test_sim_step_takes_decode_and_prefill_time() -> None:
 
 
 def _run_sim(continuous: bool, lengths: list[int], slots: int) -> float:
-    engine = SimEngine(settings(max_num_seqs=slots, sim_decode_step=0.001))
+    engine = sim(slots, sim_decode_step=0.001)
     pending = [req(i, prompt="x y z", max_tokens=n) for i, n in enumerate(lengths)]
     done = 0
     in_flight = 0
@@ -293,7 +285,7 @@ def _stream_run(
 
 @pytest.mark.parametrize("kind", ["echo", "sim"])
 def test_streaming_pieces_join_to_the_output_and_only_for_streaming_requests(kind: str) -> None:
-    engine = EchoEngine(settings()) if kind == "echo" else SimEngine(settings())
+    engine = EchoEngine(settings()) if kind == "echo" else sim()
     streamed = req(1, max_tokens=7, stop=["six"])
     streamed.stream = True
     pieces, results = _stream_run(engine, streamed, req(2, max_tokens=7))

@@ -36,8 +36,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(tiny_model: Path) -> Iterator[HFEngine]:
-    settings = load_settings(engine="hf", model=str(tiny_model), device="cpu", max_num_seqs=4)
-    loaded = load_engine(settings)
+    settings = load_settings(engine="hf", model=str(tiny_model), max_num_seqs=4)
+    loaded = load_engine(settings, device="cpu")
     assert isinstance(loaded, HFEngine)
     yield loaded
     loaded.close()

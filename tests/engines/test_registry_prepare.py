@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from sluice.config import load_settings
+from sluice.config import Settings, load_settings
 from sluice.errors import ConfigError, RequestRejected
 from sluice.sampling import CHAT, COMPLETIONS
 from sluice.store.work import Claimed
@@ -17,6 +17,7 @@ from worker.engines import load_engine
 from worker.engines.base import Engine
 from worker.engines.echo import EchoEngine
 from worker.engines.registry import BUILTIN, engine_class, engine_names
+from worker.engines.sim import SimEngine, SimSettings
 from worker.engines.text import WordTokenizer
 from worker.prepare import rejected_result, to_gen_request
 
@@ -68,6 +69,28 @@ def test_unknown_engine_fails_at_settings_with_the_registered_names() -> None:
 def test_load_engine_builds_the_named_engine() -> None:
     engine = load_engine(load_settings(engine="echo", max_num_seqs=3))
     assert isinstance(engine, EchoEngine) and engine.slots == 3
+
+
+def test_each_engine_reads_its_own_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The sim's timing is the sim's: SLUICE_SIM_* reach it through its SimSettings, keywords
+    # to load_engine win, and Sluice's shared Settings know nothing of them.
+    monkeypatch.setenv("SLUICE_SIM_DECODE_STEP", "0.25")
+    engine = load_engine(load_settings(engine="sim"), sim_decode_per_seq=0.5)
+    assert isinstance(engine, SimEngine) and engine.settings_class is SimSettings
+    assert (engine._decode_step, engine._decode_per_seq) == (0.25, 0.5)
+    assert "sim_decode_step" not in Settings.model_fields
+    with pytest.raises(ConfigError, match="unknown settings: sim_decode_step"):
+        load_settings(sim_decode_step=0.1)
+
+
+def test_an_engines_bad_setting_names_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLUICE_SIM_DECODE_STEP", "-1")
+    with pytest.raises(ConfigError, match="SLUICE_SIM_DECODE_STEP: Input should be greater"):
+        load_engine(load_settings(engine="sim"))
+    with pytest.raises(ConfigError, match="SLUICE_SIM_DECODE_STEPS: Extra inputs"):
+        load_engine(load_settings(engine="sim"), sim_decode_steps=0.1)  # a typo
+    # Another engine's variables are none of the echo engine's business.
+    assert isinstance(load_engine(load_settings(engine="echo")), EchoEngine)
 
 
 def test_registry_module_imports_no_engine() -> None:

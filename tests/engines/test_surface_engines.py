@@ -78,7 +78,7 @@ def hf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     from sluice.tiny_model import build_tiny_model
 
     model: Path = build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-    engine = load_engine(load_settings(engine="hf", model=str(model), device="cpu"))
+    engine = load_engine(load_settings(engine="hf", model=str(model)), device="cpu")
     yield engine
     engine.close()
 

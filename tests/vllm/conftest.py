@@ -17,8 +17,12 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from worker.engines.vllm_engine import VLLMEngine
 
 REQUIRE_ENV = "SLUICE_REQUIRE_VLLM"
 # vLLM's CPU KV cache in GiB (its default would take a large share of the machine's memory).
@@ -38,6 +42,19 @@ SETTINGS: dict[str, str] = {
     # engines run at once here: the worker's and the raw reference).
     "gpu_memory_utilization": "0.2",
 }
+
+
+def tiny_engine(model: Path) -> VLLMEngine:
+    """The vLLM engine on the tiny model with SETTINGS: Sluice's part and the engine's own."""
+    from sluice.config import load_settings, split_settings
+    from worker.engines import load_engine
+    from worker.engines.vllm_engine import VLLMEngine
+
+    values: dict[str, Any] = {**SETTINGS, "engine": "vllm", "model": str(model)}
+    shared, own = split_settings(values)
+    engine = load_engine(load_settings(**shared), **own)
+    assert isinstance(engine, VLLMEngine)
+    return engine
 
 
 def vllm_problem() -> str | None:

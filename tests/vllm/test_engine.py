@@ -11,9 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from sluice.config import load_settings
 from sluice.sampling import Sampling
-from tests.vllm.conftest import SETTINGS
+from tests.vllm.conftest import tiny_engine
 from worker.engines.base import GenRequest, GenResult
 
 if TYPE_CHECKING:
@@ -22,12 +21,7 @@ if TYPE_CHECKING:
 
 @pytest.fixture(scope="module")
 def engine(tiny_model: Path) -> Iterator[VLLMEngine]:
-    from worker.engines import load_engine
-    from worker.engines.vllm_engine import VLLMEngine
-
-    overrides: dict[str, Any] = {**SETTINGS, "engine": "vllm", "model": str(tiny_model)}
-    loaded = load_engine(load_settings(**overrides))
-    assert isinstance(loaded, VLLMEngine)
+    loaded = tiny_engine(tiny_model)
     yield loaded
     loaded.close()
 
@@ -56,6 +50,25 @@ def test_settings_reach_vllm(engine: VLLMEngine) -> None:
     # Sluice sets the token budget itself: LLM's default, not LLMEngine's smaller one.
     assert config.scheduler_config.max_num_batched_tokens == default_max_num_batched_tokens()
     assert default_max_num_batched_tokens() == 4096  # vLLM's LLM default on a CPU
+
+
+def test_vllms_own_settings_come_from_sluice_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The engine owns these (VLLMSettings): SLUICE_ variables, checked against vLLM's lists.
+    from sluice.errors import ConfigError
+    from worker.engines.vllm_engine import VLLMEngine, VLLMSettings
+
+    assert VLLMEngine.settings_class is VLLMSettings
+    monkeypatch.setenv("SLUICE_QUANTIZATION", "")  # empty: the checkpoint decides
+    monkeypatch.setenv("SLUICE_GPU_MEMORY_UTILIZATION", "0.3")
+    own = VLLMSettings.load()
+    assert own.quantization is None and own.gpu_memory_utilization == 0.3
+    monkeypatch.setenv("SLUICE_DTYPE", "float42")
+    with pytest.raises(ConfigError, match="SLUICE_DTYPE: Value error, 'float42' is not one of"):
+        VLLMSettings.load()
+    monkeypatch.setenv("SLUICE_DTYPE", "float32")
+    monkeypatch.setenv("SLUICE_KV_CACHE_DTYPE", "int3")
+    with pytest.raises(ConfigError, match="SLUICE_KV_CACHE_DTYPE"):
+        VLLMSettings.load()
 
 
 def test_tokenizer_matches_vllms_own_and_keeps_one_bos(engine: VLLMEngine) -> None:

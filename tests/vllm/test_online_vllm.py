@@ -6,13 +6,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
-from sluice.config import load_settings
 from sluice.sampling import Sampling
-from tests.vllm.conftest import SETTINGS
+from tests.vllm.conftest import tiny_engine
 from worker.engines.base import GenRequest, GenResult
 
 if TYPE_CHECKING:
@@ -23,12 +22,7 @@ PROMPT = "The canal lock raised the boat because"
 
 @pytest.fixture(scope="module")
 def engine(tiny_model: Path) -> Iterator[VLLMEngine]:
-    from worker.engines import load_engine
-    from worker.engines.vllm_engine import VLLMEngine
-
-    overrides: dict[str, Any] = {**SETTINGS, "engine": "vllm", "model": str(tiny_model)}
-    loaded = load_engine(load_settings(**overrides))
-    assert isinstance(loaded, VLLMEngine)
+    loaded = tiny_engine(tiny_model)
     yield loaded
     loaded.close()
 

@@ -1,29 +1,35 @@
 """The one interface every engine implements: add requests, step, collect finished ones.
 
 An engine is one module under worker/engines/ (registered by name in worker/engines/registry.py)
-holding a subclass of Engine. It owns its settings (what it reads from Settings, checked in
-from_settings) and its tokenizer: the worker renders and tokenizes each prompt once with
-`engine.tokenizer`, checks the context length once (worker/prepare.py) and hands the token ids
-over in GenRequest.prompt_token_ids. The runner drives engines only through add, abort, step,
-has_unfinished, busy_slots, slots and close, from one thread, so an engine that talks to a
-remote server or wraps an asyncio engine fits the same shape: add() queues, step() returns what
-finished since the last call.
+holding a subclass of Engine. It owns its settings (an EngineSettings subclass named by
+`settings_class`: SLUICE_ variables only it reads; Settings holds what every engine shares:
+model, slots, context length, seed) and its tokenizer: the worker renders and tokenizes each
+prompt once with `engine.tokenizer`, checks the context length once (worker/prepare.py) and
+hands the token ids over in GenRequest.prompt_token_ids. The runner drives engines only through
+add, abort, step, has_unfinished, busy_slots, slots and close, from one thread, so an engine
+that talks to a remote server or wraps an asyncio engine fits the same shape: add() queues,
+step() returns what finished since the last call.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol, Self
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sluice.capabilities import capabilities
-from sluice.config import Settings
+from sluice.config import Settings, invalid_settings
+from sluice.errors import ConfigError
 from sluice.sampling import Sampling
 
 __all__ = [
     "Choice",
     "Delta",
     "Engine",
+    "EngineSettings",
     "GenRequest",
     "GenResult",
     "Sampling",
@@ -125,6 +131,22 @@ class Tokenizer(Protocol):
         ...
 
 
+class EngineSettings(BaseSettings):
+    """An engine's own settings: SLUICE_ variables that only it reads (each engine's module
+    subclasses this with its fields; none here)."""
+
+    # Unknown SLUICE_ variables are other engines' (ignored); an unknown keyword is a mistake.
+    model_config = SettingsConfigDict(env_prefix="SLUICE_", extra="forbid", frozen=True)
+
+    @classmethod
+    def load(cls, **overrides: object) -> Self:
+        """Read the environment (overrides win); ConfigError naming each bad variable."""
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            raise ConfigError(invalid_settings(exc)) from None
+
+
 class Engine(ABC):
     """An engine holding up to `slots` sequences; the worker feeds it continuously.
 
@@ -133,6 +155,8 @@ class Engine(ABC):
     """
 
     name: str = "engine"
+    # The engine's own settings (load_engine reads them and hands them to __init__).
+    settings_class: ClassVar[type[EngineSettings]] = EngineSettings
 
     # Set by each engine's __init__: slots from settings.max_num_seqs, the context length
     # from settings.max_model_len as the model permits.
@@ -140,8 +164,9 @@ class Engine(ABC):
     _max_model_len: int
 
     @abstractmethod
-    def __init__(self, settings: Settings) -> None:
-        """Take what applies from settings and load the model; ConfigError on bad settings."""
+    def __init__(self, settings: Settings, options: EngineSettings | None = None) -> None:
+        """Load the model from settings and the engine's own `options` (None: read them from
+        the environment); ConfigError on bad settings."""
 
     @property
     def capabilities(self) -> frozenset[str]:

@@ -6,6 +6,7 @@ from sluice.config import Settings
 from worker.engines.base import (
     Choice,
     Delta,
+    EngineSettings,
     GenRequest,
     GenResult,
     TokenLogprob,
@@ -33,7 +34,7 @@ class EchoEngine(PlainTextEngine):
 
     name = "echo"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, options: EngineSettings | None = None) -> None:
         self._slots = settings.max_num_seqs
         self._max_model_len = settings.max_model_len
         self._waiting: WaitQueue[GenRequest] = WaitQueue()

@@ -14,6 +14,7 @@ from worker.engines.base import (
     Choice,
     Delta,
     Engine,
+    EngineSettings,
     GenRequest,
     GenResult,
     Sampling,
@@ -76,19 +77,28 @@ class HFTokenizer:
         return [self.encode(text) for text in texts]
 
 
+class HFSettings(EngineSettings):
+    """Where the model runs and in what precision."""
+
+    device: str = "auto"  # auto: cuda when available, else cpu
+    dtype: str = "auto"  # auto: the checkpoint's; float32 on CPU whatever is set
+
+
 class HFEngine(Engine):
     """Runs one generate() per step over up to `slots` waiting requests with equal sampling."""
 
     name = "hf"
+    settings_class = HFSettings
 
-    def __init__(self, settings: Settings) -> None:
-        self.device = _device(settings.device)
+    def __init__(self, settings: Settings, options: HFSettings | None = None) -> None:
+        own = options or HFSettings.load()
+        self.device = _device(own.device)
         # local_files_only: the worker never downloads; models are prepared ahead.
         self.hf_tokenizer = AutoTokenizer.from_pretrained(settings.model, local_files_only=True)
         self._tokenizer = HFTokenizer(self.hf_tokenizer)
         # from_pretrained returns the model in eval mode (no dropout).
         self.model = AutoModelForCausalLM.from_pretrained(
-            settings.model, local_files_only=True, dtype=_dtype(settings.dtype, self.device)
+            settings.model, local_files_only=True, dtype=_dtype(own.dtype, self.device)
         )
         # transformers' decorator on to() hides its real signature from mypy.
         self.model.to(self.device)  # type: ignore[arg-type]

@@ -14,8 +14,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from pydantic import Field
+
 from sluice.config import Settings
-from worker.engines.base import Delta, GenRequest, GenResult
+from worker.engines.base import Delta, EngineSettings, GenRequest, GenResult
 from worker.engines.meter import OccupancyMeter
 from worker.engines.text import PlainTextEngine, WaitQueue, sim_output, stream_pieces
 
@@ -31,17 +33,27 @@ class _Seq:
     pieces: list[str] | None = None  # streaming: the text's words, sent one per step
 
 
+class SimSettings(EngineSettings):
+    """The simulated device's timing, in seconds (defaults: an 8B model on one H100)."""
+
+    sim_prefill_per_token: float = Field(0.00002, ge=0)
+    sim_decode_step: float = Field(0.010, ge=0)
+    sim_decode_per_seq: float = Field(0.00005, ge=0)
+
+
 class SimEngine(PlainTextEngine):
     """A simulated continuous-batching device; `meter` reports how full it was kept."""
 
     name = "sim"
+    settings_class = SimSettings
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, options: SimSettings | None = None) -> None:
+        timing = options or SimSettings.load()
         self._slots = settings.max_num_seqs
         self._max_model_len = settings.max_model_len
-        self._prefill_per_token = settings.sim_prefill_per_token
-        self._decode_step = settings.sim_decode_step
-        self._decode_per_seq = settings.sim_decode_per_seq
+        self._prefill_per_token = timing.sim_prefill_per_token
+        self._decode_step = timing.sim_decode_step
+        self._decode_per_seq = timing.sim_decode_per_seq
         self._waiting: WaitQueue[_Seq] = WaitQueue()
         self._running: dict[int, _Seq] = {}
         self._done: list[GenResult] = []  # aborted or rejected, returned by the next step

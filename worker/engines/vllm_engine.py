@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast, get_args
 
 import psutil
+from pydantic import Field, field_validator
 from vllm import EngineArgs, LLMEngine, RequestOutput, SamplingParams
 from vllm.config.cache import CacheDType
 from vllm.config.model import ModelDType
@@ -31,6 +32,7 @@ from worker.engines.base import (
     Choice,
     Delta,
     Engine,
+    EngineSettings,
     GenRequest,
     GenResult,
     Sampling,
@@ -72,33 +74,62 @@ def default_max_num_batched_tokens(world_size: int = 1) -> int:
     return int(budgets[UsageContext.LLM_CLASS])
 
 
-def engine_args(settings: Settings) -> EngineArgs:
-    """vLLM's EngineArgs from Sluice settings (every engine knob passes through)."""
-    if settings.dtype not in get_args(ModelDType):
-        raise ConfigError(f"SLUICE_DTYPE: {settings.dtype!r} is not one of {get_args(ModelDType)}")
-    if settings.kv_cache_dtype not in get_args(CacheDType):
-        raise ConfigError(
-            f"SLUICE_KV_CACHE_DTYPE: {settings.kv_cache_dtype!r} is not one of "
-            f"{get_args(CacheDType)}"
-        )
-    batched_tokens = settings.max_num_batched_tokens or default_max_num_batched_tokens(
-        settings.tensor_parallel_size
+class VLLMSettings(EngineSettings):
+    """vLLM's own knobs, passed through to EngineArgs (SLUICE_ plus vLLM's name)."""
+
+    # None: vLLM reads the checkpoint's own method (AWQ INT4 -> awq_marlin where supported).
+    quantization: str | None = None
+    dtype: str = "auto"
+    # Tokens per engine step (chunked prefill budget); None: what vLLM's LLM class picks.
+    max_num_batched_tokens: int | None = Field(None, ge=16)
+    gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
+    enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"
+    tensor_parallel_size: int = Field(1, ge=1)
+    enforce_eager: bool = False
+    load_format: str = "auto"
+
+    @field_validator("quantization")
+    @classmethod
+    def _unset_if_empty(cls, value: str | None) -> str | None:
+        return value or None  # SLUICE_QUANTIZATION= (empty) leaves it to the checkpoint
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value not in get_args(ModelDType):
+            raise ValueError(f"{value!r} is not one of {get_args(ModelDType)}")
+        return value
+
+    @field_validator("kv_cache_dtype")
+    @classmethod
+    def _known_cache_dtype(cls, value: str) -> str:
+        if value not in get_args(CacheDType):
+            raise ValueError(f"{value!r} is not one of {get_args(CacheDType)}")
+        return value
+
+
+def engine_args(settings: Settings, own: VLLMSettings | None = None) -> EngineArgs:
+    """vLLM's EngineArgs from Sluice's settings and the engine's own (every knob passes)."""
+    own = own or VLLMSettings.load()
+    batched_tokens = own.max_num_batched_tokens or default_max_num_batched_tokens(
+        own.tensor_parallel_size
     )
     return EngineArgs(
         model=settings.model,
         served_model_name=settings.served_model,
-        quantization=settings.quantization or None,
-        dtype=cast("ModelDType", settings.dtype),
+        quantization=own.quantization,
+        dtype=cast("ModelDType", own.dtype),
         seed=settings.seed,
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=batched_tokens,
-        gpu_memory_utilization=settings.gpu_memory_utilization,
-        enable_prefix_caching=settings.enable_prefix_caching,
-        kv_cache_dtype=cast("CacheDType", settings.kv_cache_dtype),
-        tensor_parallel_size=settings.tensor_parallel_size,
-        enforce_eager=settings.enforce_eager,
-        load_format=settings.load_format,
+        gpu_memory_utilization=own.gpu_memory_utilization,
+        enable_prefix_caching=own.enable_prefix_caching,
+        kv_cache_dtype=cast("CacheDType", own.kv_cache_dtype),
+        tensor_parallel_size=own.tensor_parallel_size,
+        enforce_eager=own.enforce_eager,
+        load_format=own.load_format,
         # Lower priority values are scheduled first: interactive (0) before bulk (1).
         scheduling_policy="priority",
         disable_log_stats=True,
@@ -206,10 +237,16 @@ class VLLMEngine(Engine):
     """vLLM's LLMEngine fed request by request; step() is one scheduler iteration."""
 
     name = "vllm"
+    settings_class = VLLMSettings
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, options: VLLMSettings | None = None) -> None:
+        own = options or VLLMSettings.load()
+        if own.tensor_parallel_size > 1 and settings.resolved_worker_threads == 1:
+            raise ConfigError(
+                "SLUICE_WORKER_THREADS must exceed 1 with SLUICE_TENSOR_PARALLEL_SIZE > 1"
+            )
         before = _child_pids()
-        self._engine = LLMEngine.from_engine_args(engine_args(settings))
+        self._engine = LLMEngine.from_engine_args(engine_args(settings, own))
         # The engine core (and its workers) run in spawned child processes: remember them,
         # so close() can kill whatever vLLM's own shutdown leaves behind.
         self._procs = [p for p in _children() if p.pid not in before and not _is_helper(p)]
