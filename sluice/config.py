@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     # rest goes back to the queue at once); an engine step longer than the stall limit is a
     # hang, and the worker exits non-zero so its supervisor restarts it.
     shutdown_grace: float = Field(30.0, ge=0)
+    # `sluice up` and `sluice run` wait this long for their worker to load its model (a first
+    # download of an 8B model can take many minutes), then stop with the reason.
+    worker_start_timeout: float = Field(3600.0, gt=0)
     engine_stall_seconds: float = Field(300.0, gt=0)
     # Names this worker's leases; a supervisor that sets it can release them when it dies.
     worker_id: str | None = Field(None, min_length=1, max_length=128)

@@ -11,6 +11,10 @@ class ConfigError(SluiceError):
     """A setting is missing or wrong; raised at start."""
 
 
+class StartFailed(SluiceError):
+    """A process `sluice up` or `sluice run` started did not come up (it exited, or timed out)."""
+
+
 class NotFound(SluiceError):
     """A file, batch or job does not exist (or belongs to someone else)."""
 

@@ -27,6 +27,7 @@ import redis
 
 from sluice.config import Settings
 from sluice.db import Database
+from sluice.errors import StartFailed
 from sluice.local_key import ensure_local_key
 from sluice.migrate import upgrade
 from sluice.queue import stats_key
@@ -40,6 +41,8 @@ log = logging.getLogger("sluice.stack")
 # A child that dies sooner than this after its start is crash-looping: restarts back off.
 HEALTHY_AFTER = 30.0
 MAX_BACKOFF = 30.0
+# While the worker loads its model, start() says it is still waiting this often (seconds).
+LOADING_NOTE_EVERY = 30.0
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -199,7 +202,8 @@ class Stack:
 
     def start(self, timeout: float = 120.0) -> None:
         """Migrate, start the API and one worker, wait until the API answers /readyz;
-        StopRequested if request_stop() was called meanwhile."""
+        StopRequested if request_stop() was called meanwhile, StartFailed saying why if a
+        child exits or is not ready in time."""
         upgrade(self.settings.resolved_database_url)
         db = Database(self.settings.resolved_database_url)
         try:
@@ -220,12 +224,17 @@ class Stack:
         self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        """Until /readyz is 200: `timeout` for the API, SLUICE_WORKER_START_TIMEOUT once only
+        the worker is missing (loading its model), saying so every LOADING_NOTE_EVERY s."""
+        started = time.monotonic()
+        deadline = started + timeout
+        next_note = started + LOADING_NOTE_EVERY
+        loading = False  # the API answered that only the worker is missing
+        while True:
             self._check_stop()
             for name, p in zip(self.names, self.procs, strict=True):
                 if p.poll() is not None:
-                    raise RuntimeError(
+                    raise StartFailed(
                         f"sluice {name} exited with code {p.returncode}; "
                         f"see the logs in {self.settings.data_dir}"
                     )
@@ -236,11 +245,26 @@ class Stack:
                 if _only_workers_down(ready):
                     # The API is up; the worker is still loading its model (minutes for a
                     # real one, longer on a first download). A worker that dies ends the wait.
-                    deadline = max(deadline, time.monotonic() + timeout)
+                    loading = True
+                    deadline = started + self.settings.worker_start_timeout
             except httpx.HTTPError:
                 pass
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            if now >= next_note:
+                next_note += LOADING_NOTE_EVERY
+                print(f"still starting: waiting for the worker to load {self.settings.model} "
+                      f"({now - started:.0f}s; logs in {self.settings.data_dir.resolve()})",
+                      file=sys.stderr, flush=True)  # fmt: skip
             sleep_until(self._should_stop, 0.2)
-        raise RuntimeError(f"the API did not become ready at {self.url} in {timeout:.0f}s")
+        if loading:
+            raise StartFailed(
+                f"the worker did not load {self.settings.model} in "
+                f"{self.settings.worker_start_timeout:.0f}s (SLUICE_WORKER_START_TIMEOUT; a "
+                f"first download may need longer); see the logs in {self.settings.data_dir}"
+            )
+        raise StartFailed(f"the API did not become ready at {self.url} in {timeout:.0f}s")
 
     def supervise(self, poll: float = 0.2) -> None:
         """Keep every child running until interrupted: restart what exits, with a backoff

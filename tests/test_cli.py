@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -142,6 +143,29 @@ def test_run_converts_plain_lines_and_writes_results(tmp_path: Path) -> None:
         "line-1": "first plain prompt",
         "line-2": "second plain prompt",
     }
+
+
+def test_run_gives_up_on_a_worker_that_never_loads(tmp_path: Path) -> None:
+    # A stuck model download must not hang a script's `sluice run`: after
+    # SLUICE_WORKER_START_TIMEOUT it says why, exits 1 and leaves nothing running.
+    src = tmp_path / "prompts.jsonl"
+    src.write_text(json.dumps({"prompt": "never answered", "max_tokens": 3}) + "\n")
+    env = _env(tmp_path / "d", SLUICE_FAULTS="load-hang=1", SLUICE_WORKER_START_TIMEOUT="4")
+    with open(tmp_path / "run.err", "w") as err:
+        proc = subprocess.Popen(
+            [*SLUICE, "run", str(src), "-o", str(tmp_path / "out.jsonl")], env=env, stderr=err
+        )
+    try:
+        family = _children_once_started(proc, "worker")
+        assert proc.wait(120) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    said = (tmp_path / "run.err").read_text()
+    assert "sluice: the worker did not load sluice-echo in 4s (SLUICE_WORKER_START_TIMEOUT" in said
+    assert "Traceback" not in said, said[-3000:]
+    _gone, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, f"left running: {alive}"
 
 
 def test_run_exits_nonzero_when_a_request_fails(tmp_path: Path) -> None:
@@ -337,10 +361,12 @@ def test_children_die_with_a_killed_up(tmp_path: Path) -> None:
     assert not alive, f"left running without their supervisor: {alive}"
 
 
-def _children_once_started(proc: subprocess.Popen[bytes], command: str) -> list[psutil.Process]:
+def _children_once_started(proc: subprocess.Popen[Any], command: str) -> list[psutil.Process]:
     """`sluice up`'s children, as soon as it has started `sluice COMMAND`."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"it exited with code {proc.returncode} first")
         family = psutil.Process(proc.pid).children(recursive=True)
         if any(command in c.cmdline() for c in family if c.is_running()):
             return family

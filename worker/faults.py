@@ -6,6 +6,7 @@ A comma-separated list of `name=value`:
 - `engine-kill-on=MARK`: the worker process SIGKILLs itself instead (a segfault's stand-in).
 - `engine-hang-on=MARK`: the engine's step blocks for good (a dead engine core).
 - `thread-crash=NAME:N`: runner thread NAME (claimer, engine or writer) raises on its Nth turn.
+- `load-hang=1`: the worker never finishes loading its engine (a stuck model download).
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from sluice.errors import ConfigError
 from worker.engines.base import Delta, Engine, GenRequest, GenResult, Tokenizer
 
-KINDS = ("engine-crash-on", "engine-kill-on", "engine-hang-on", "thread-crash")
+KINDS = ("engine-crash-on", "engine-kill-on", "engine-hang-on", "thread-crash", "load-hang")
 THREADS = ("claimer", "engine", "writer")
 
 
@@ -34,6 +36,7 @@ class Faults:
     engine: dict[str, str] = field(default_factory=dict)  # kind -> marker
     thread: str | None = None
     thread_turn: int = 0
+    load_hang: bool = False
     _turns: dict[str, int] = field(default_factory=dict)
 
     @classmethod
@@ -51,9 +54,16 @@ class Faults:
                         f"SLUICE_FAULTS: thread-crash wants NAME:N, NAME in {THREADS}"
                     )
                 faults.thread, faults.thread_turn = name, int(turn)
+            elif kind == "load-hang":
+                faults.load_hang = True
             else:
                 faults.engine[kind] = value
         return faults
+
+    def before_load(self) -> None:
+        """Block for good where the engine would load, when a test asked (SIGTERM ends it)."""
+        while self.load_hang:
+            time.sleep(3600)
 
     def turn(self, thread: str) -> None:
         """Count one turn of a runner thread; raise on the one a test named."""

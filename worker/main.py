@@ -37,6 +37,7 @@ def run_worker(settings: Settings, redis_url: str, loglevel: str = "INFO") -> in
     faults = Faults.parse(settings.faults)
     db = get_database(settings)
     client = sync_client(redis_url)
+    faults.before_load()
     engine = load_engine(settings)
     log.info(
         "engine %s loaded: model %s, %d slots", settings.engine, settings.served_model, engine.slots
