@@ -103,21 +103,22 @@ def _stored_choices(req: Row) -> list[dict[str, Any]]:
     return [{"text": req["output_text"] or "", "finish_reason": req["finish_reason"]}]
 
 
-def _chat_logprobs(tokens: list[Any] | None) -> dict[str, Any] | None:
-    """OpenAI's chat logprobs: content [{token, logprob, bytes, top_logprobs}]."""
-    if tokens is None:
-        return None
+def _token_logprobs(tokens: list[Any]) -> list[dict[str, Any]]:
+    """OpenAI's per-token entries [{token, logprob, bytes, top_logprobs}] (chat, responses)."""
 
     def entry(token: str, logprob: float) -> dict[str, Any]:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", "replace"))}
 
-    return {
-        "content": [
-            {**entry(tok, lp), "top_logprobs": [entry(t, p) for t, p in top]}
-            for tok, lp, top in tokens
-        ],
-        "refusal": None,
-    }
+    return [
+        {**entry(tok, lp), "top_logprobs": [entry(t, p) for t, p in top]} for tok, lp, top in tokens
+    ]
+
+
+def _chat_logprobs(tokens: list[Any] | None) -> dict[str, Any] | None:
+    """OpenAI's chat logprobs: {content: per-token entries, refusal}."""
+    if tokens is None:
+        return None
+    return {"content": _token_logprobs(tokens), "refusal": None}
 
 
 def _completion_logprobs(tokens: list[Any] | None) -> dict[str, Any] | None:
@@ -196,7 +197,7 @@ def response_body(req: Row, choice: dict[str, Any]) -> dict[str, Any]:
                 "id": f"msg_{req['id']}",
                 "status": "incomplete" if cut else "completed",
                 "role": "assistant",
-                "content": [{"type": "output_text", "text": choice["text"], "annotations": []}],
+                "content": [_output_text(choice)],
             }
         ],
         "parallel_tool_calls": False,
@@ -214,6 +215,14 @@ def response_body(req: Row, choice: dict[str, Any]) -> dict[str, Any]:
             "total_tokens": prompt + completion,
         },
     }
+
+
+def _output_text(choice: dict[str, Any]) -> dict[str, Any]:
+    """A Response's output_text part, with its token logprobs when they were asked for."""
+    part: dict[str, Any] = {"type": "output_text", "text": choice["text"], "annotations": []}
+    if choice.get("logprobs") is not None:
+        part["logprobs"] = _token_logprobs(choice["logprobs"])
+    return part
 
 
 def result_line(req: Row) -> dict[str, Any]:

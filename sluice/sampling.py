@@ -21,6 +21,8 @@ from sluice.errors import InvalidInput
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 RESPONSES = "/v1/responses"
+# The `include` item that asks /v1/responses for output token logprobs.
+RESPONSE_LOGPROBS = "message.output_text.logprobs"
 EMBEDDINGS = "/v1/embeddings"
 ENDPOINTS = (CHAT, COMPLETIONS, RESPONSES)
 # Every engine here is generative: embeddings would need a pooling model.
@@ -635,9 +637,7 @@ def responses_as_chat(body: dict[str, Any]) -> dict[str, Any]:
         ("previous_response_id", lambda v: v is not None),
         ("background", lambda v: v is True),
         ("reasoning", lambda v: v is not None),
-        ("include", lambda v: bool(v)),
         ("truncation", lambda v: v not in (None, "disabled")),
-        ("top_logprobs", lambda v: v is not None),
     )
     for name, used in unsupported:
         if name in body and used(body[name]):
@@ -664,7 +664,30 @@ def responses_as_chat(body: dict[str, Any]) -> dict[str, Any]:
     fmt = _response_format_of_text(body)
     if fmt is not None:
         chat["response_format"] = fmt
+    if _logprobs_included(body) or body.get("top_logprobs") is not None:
+        chat["logprobs"] = True
+        if body.get("top_logprobs") is not None:
+            chat["top_logprobs"] = body["top_logprobs"]
     return chat
+
+
+def _logprobs_included(body: dict[str, Any]) -> bool:
+    """Whether `include` asks for output logprobs (the one include served here)."""
+    include = body.get("include")
+    if include is None:
+        return False
+    if not isinstance(include, list) or not all(isinstance(i, str) for i in include):
+        raise InvalidInput(
+            "include must be a list of strings", param="include", code="invalid_value"
+        )
+    other = sorted(set(include) - {RESPONSE_LOGPROBS})
+    if other:
+        raise InvalidInput(
+            f"include {other[0]!r} is not supported here (only {RESPONSE_LOGPROBS!r})",
+            param="include",
+            code="unsupported_parameter",
+        )
+    return RESPONSE_LOGPROBS in include
 
 
 def _rename_param(exc: InvalidInput, old: str, new: str) -> InvalidInput:
@@ -733,6 +756,7 @@ def parse_body(
             )
         except InvalidInput as exc:
             exc = _rename_param(exc, "max_completion_tokens", "max_output_tokens")
+            exc = _rename_param(exc, "logprobs", "include")  # an engine without logprobs
             raise _rename_param(exc, "response_format", "text.format") from None
         return ParsedBody(model=model, prompt=None, messages=messages, sampling=sampling)
     elif endpoint == EMBEDDINGS:

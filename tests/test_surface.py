@@ -187,6 +187,20 @@ def test_responses_body_runs_as_chat() -> None:
     assert refused(RESPONSES, {**body, "n": 2}).code == "unknown_parameter"
 
 
+def test_responses_logprobs_come_through_include_or_top_logprobs() -> None:
+    base = {"model": "m", "input": "hi"}
+    asked = {**base, "include": ["message.output_text.logprobs"], "top_logprobs": 3}
+    assert parse_body(RESPONSES, asked, engine="vllm").sampling.logprobs == 3  # 3 rivals
+    assert parse_body(RESPONSES, {**base, "top_logprobs": 0}, engine="hf").sampling.logprobs == 0
+    assert parse_body(RESPONSES, base, engine="vllm").sampling.logprobs is None
+    # Other include items, bad values, and engines without logprobs: a 400 naming the field.
+    other = refused(RESPONSES, {**base, "include": ["reasoning.encrypted_content"]})
+    assert (other.param, other.code) == ("include", "unsupported_parameter")
+    assert refused(RESPONSES, {**base, "include": "x"}).param == "include"
+    assert refused(RESPONSES, {**base, "top_logprobs": 21}).param == "top_logprobs"
+    assert refused(RESPONSES, asked, "sim").param == "include"
+
+
 def test_embeddings_are_refused_saying_why() -> None:
     exc = refused(EMBEDDINGS, {"model": "m", "input": "x"})
     assert exc.code == "invalid_url" and "pooling" in exc.message

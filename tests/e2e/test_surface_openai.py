@@ -85,6 +85,18 @@ def test_responses_endpoint_in_a_batch_file(sluice: Running) -> None:
     assert cut.output_text == "<|user|> red"
 
 
+def test_responses_logprobs_in_a_batch_file(sluice: Running) -> None:
+    url = "/v1/responses"
+    body = {"input": "red green", "include": ["message.output_text.logprobs"], "top_logprobs": 1}
+    out = outputs(sluice, [line("lp", url, body), line("plain", url, {"input": "red"})], url)
+    done = Response.model_validate(out["lp"])
+    part = done.output[0].content[0]  # type: ignore[union-attr]
+    assert part.type == "output_text" and part.logprobs is not None
+    assert [t.token for t in part.logprobs] == ["<|user|>", " red", " green", " <|assistant|>"]
+    assert all(t.logprob == 0.0 and len(t.top_logprobs) == 1 for t in part.logprobs)
+    assert "logprobs" not in out["plain"]["output"][0]["content"][0]  # only when asked
+
+
 def test_online_chat_n_logprobs_and_refusals_with_the_openai_client(sluice: Running) -> None:
     key = (sluice.stack.auth_headers.get("Authorization") or "Bearer sk-local").split()[-1]
     client = OpenAI(base_url=f"{sluice.stack.url}/v1", api_key=key, max_retries=0)
