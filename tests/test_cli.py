@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import psutil
 
+from sluice.config import load_settings
+from sluice.redis_server import shutdown_embedded
 from sluice.stack import free_port
 
 SLUICE = [sys.executable, "-m", "sluice.cli"]
@@ -358,6 +360,8 @@ def test_children_die_with_a_killed_up(tmp_path: Path) -> None:
     _gone, alive = psutil.wait_procs(family, timeout=60)
     for straggler in alive:
         straggler.kill()
+    # The embedded redis-server did stay, as documented; stop it (nothing else would).
+    assert shutdown_embedded(load_settings(data_dir=tmp_path, redis_url=None))
     assert not alive, f"left running without their supervisor: {alive}"
 
 
