@@ -8,6 +8,7 @@ Retry-After on the same connection. A GET that met a connection the database dro
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -127,6 +128,14 @@ class Guard:
         for attempt in range(1, tries + 1):
             try:
                 await self.app(scope, app_receive, tracked_send)
+                return
+            except asyncio.CancelledError:
+                # uvicorn cancels what is still open once its graceful shutdown timeout (the
+                # shutdown grace) has passed: a long poll is told to retry, a stream is cut.
+                if not started:
+                    retry = {"Retry-After": str(self.settings.retry_after_seconds)}
+                    message = "the server is shutting down; retry in a few seconds"
+                    await _send(scope, receive, send, 503, message, "service_unavailable", retry)
                 return
             except Exception as exc:
                 if started:

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import anyio
 from redis.asyncio import Redis
 
+from sluice.metrics import WAITING
 from sluice.queue import DONE_CHANNEL
 
 log = logging.getLogger("sluice.api")
@@ -54,10 +55,12 @@ class DoneListener:
         event = Waiter()
         self._waiters[job_id].add(event)
         self.count += 1
+        WAITING.inc()
         try:
             yield event
         finally:
             self.count -= 1
+            WAITING.dec()
             events = self._waiters.get(job_id)
             if events is not None:
                 events.discard(event)

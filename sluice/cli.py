@@ -162,6 +162,9 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
         access_log=False,
         # httptools with a bound on request heads (SLUICE_MAX_HEADER_BYTES): 431 past it.
         http="api.server:BoundedHttpToolsProtocol",
+        # On SIGTERM open requests (long polls, streams) get the grace, then their connections
+        # close: uvicorn would otherwise wait for each, up to SLUICE_ONLINE_TIMEOUT (600 s).
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace)),
         # JSON logs: uvicorn's records go through the root handler (sluice/logs.py) too.
         log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
     )

@@ -25,6 +25,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     start_http_server,
@@ -77,6 +78,12 @@ WRITER_LAG = Histogram(
     "Per written batch: how long its oldest result waited between engine and commit.",
     ["model"],
     buckets=LAG_BUCKETS,
+)
+# livesum: in multiprocess mode, the sum over the API processes alive now.
+WAITING = Gauge(
+    "sluice_api_waiting",
+    "Requests an API process holds open waiting for an answer (long polls, online requests).",
+    multiprocess_mode="livesum",
 )
 WEBHOOK_DELIVERIES = Counter(
     "sluice_webhook_deliveries",

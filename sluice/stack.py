@@ -41,6 +41,9 @@ log = logging.getLogger("sluice.stack")
 # A child that dies sooner than this after its start is crash-looping: restarts back off.
 HEALTHY_AFTER = 30.0
 MAX_BACKOFF = 30.0
+# stop(): past the shutdown grace, a worker exits within 8 s (worker/main.py) and the API at
+# once (uvicorn's graceful timeout is the grace); a child still running after this is stuck.
+STOP_MARGIN = 15.0
 # While the worker loads its model, start() says it is still waiting this often (seconds).
 LOADING_NOTE_EVERY = 30.0
 
@@ -365,21 +368,24 @@ class Stack:
         self.children.clear()
         self.redis.stop()
 
-    def stop(self, timeout: float = 60.0) -> None:
-        """SIGTERM the children (warm shutdown), then stop the embedded Redis."""
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM the children (warm shutdown), then stop the embedded Redis. A child still
+        running after `timeout` (default: SLUICE_SHUTDOWN_GRACE + STOP_MARGIN, past what a
+        worker or the API takes) is killed, and said so."""
         self._stopping.set()
-        # Last started, first stopped: workers finish their writes while the API still answers.
-        procs = self.procs[::-1]
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for p in procs:
+        budget = self.settings.shutdown_grace + STOP_MARGIN if timeout is None else timeout
+        for child in self.children:
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + budget
+        for child in self.children:
             try:
-                p.wait(max(0.1, deadline - time.monotonic()))
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+                print(f"sluice {child.name} did not stop in {budget:.0f}s after SIGTERM; "
+                      "killing it", file=sys.stderr, flush=True)  # fmt: skip
+                child.proc.kill()
+                child.proc.wait()
         self.children.clear()
         self.redis.stop()
 

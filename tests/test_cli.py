@@ -283,12 +283,12 @@ def test_batches_commands_against_a_running_sluice(tmp_path: Path) -> None:
         stack.stop()
 
 
-def _start_up(tmp_path: Path, port: int) -> tuple[subprocess.Popen[str], Path]:
+def _start_up(tmp_path: Path, port: int, **env: str) -> tuple[subprocess.Popen[str], Path]:
     """`sluice up` in its own process group, as a terminal runs it; stderr to a file."""
     errors = tmp_path / f"up-{port}.err"
     with open(errors, "w") as err:
         proc = subprocess.Popen(
-            [*SLUICE, "up", "--port", str(port)], env=_env(tmp_path), stdout=subprocess.PIPE,
+            [*SLUICE, "up", "--port", str(port)], env=_env(tmp_path, **env), stdout=subprocess.PIPE,
             stderr=err, text=True, start_new_session=True,
         )  # fmt: skip
     assert proc.stdout is not None
@@ -317,10 +317,48 @@ def test_ctrl_c_stops_everything_without_tracebacks(tmp_path: Path) -> None:
         assert code == 0
         _gone, alive = psutil.wait_procs(family, timeout=30)
         assert not alive, f"left running: {alive}"
-        assert "Traceback" not in errors.read_text(), errors.read_text()[-3000:]
+        said = errors.read_text()
+        assert "Traceback" not in said and "did not stop" not in said, said[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_ctrl_c_with_a_long_poll_open_stops_within_the_grace(tmp_path: Path) -> None:
+    # An open long poll (or stream) must not hold the API past the shutdown grace: uvicorn
+    # would wait for it (up to its 60 s), and sluice up would have to kill the API.
+    port = free_port()
+    slow = {"SLUICE_ENGINE": "sim", "SLUICE_SIM_DECODE_STEP": "0.05", "SLUICE_SHUTDOWN_GRACE": "2"}
+    proc, errors = _start_up(tmp_path, port, **slow)
+    try:
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=_auth(tmp_path))
+        job = http.post("/v1/jobs", json={"prompt": "slow", "max_tokens": 4000}).json()
+        answers: list[httpx.Response] = []
+        polling = threading.Thread(
+            target=lambda: answers.append(http.get(f"/v1/jobs/{job['id']}?wait=60", timeout=90))
+        )
+        polling.start()
+        _wait_for_open_polls(http, 1)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(60) == 0
+        polling.join(30)
+        # The poll was told to come back (the job is still queued: nothing accepted is lost).
+        assert answers and answers[0].status_code == 503 and answers[0].headers["retry-after"]
+        said = errors.read_text()
+        assert "did not stop" not in said and "Traceback" not in said, said[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _wait_for_open_polls(http: httpx.Client, count: int) -> None:
+    """Until the API's /metrics counts `count` long polls open."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if f"sluice_api_waiting {count}.0" in http.get("/metrics").text:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the API never had {count} long polls open")
 
 
 def test_ctrl_c_during_start_up_stops_everything_without_tracebacks(tmp_path: Path) -> None:
