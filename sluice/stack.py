@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -129,8 +128,8 @@ class Stack:
         self.extra_env = dict(env or {})
         self.quiet = quiet
         self.children: list[Child] = []
-        self._stopping = threading.Event()
-        # Set from a signal handler (request_stop), so a plain flag: no lock to land inside.
+        # Set by request_stop(), stop() and kill(), maybe from a signal handler: a plain flag,
+        # no lock for a signal to land inside.
         self.stop_requested = False
         self.redis = ensure_redis(settings)
         self.url = f"http://{host}:{port}"
@@ -196,11 +195,8 @@ class Stack:
         """Ask start() and supervise() to return (safe in a signal handler: sets a flag)."""
         self.stop_requested = True
 
-    def _should_stop(self) -> bool:
-        return self.stop_requested or self._stopping.is_set()
-
     def _check_stop(self) -> None:
-        if self._should_stop():
+        if self.stop_requested:
             raise StopRequested
 
     def start(self, timeout: float = 120.0) -> None:
@@ -260,7 +256,7 @@ class Stack:
                 print(f"still starting: waiting for the worker to load {self.settings.model} "
                       f"({now - started:.0f}s; logs in {self.settings.data_dir.resolve()})",
                       file=sys.stderr, flush=True)  # fmt: skip
-            sleep_until(self._should_stop, 0.2)
+            sleep_until(lambda: self.stop_requested, 0.2)
         if loading:
             raise StartFailed(
                 f"the worker did not load {self.settings.model} in "
@@ -272,7 +268,7 @@ class Stack:
     def supervise(self, poll: float = 0.2) -> None:
         """Keep every child running until interrupted: restart what exits, with a backoff
         when it crash-loops, releasing a dead worker's leases first."""
-        while not self._should_stop():
+        while not self.stop_requested:
             self._keep_redis()
             now = time.monotonic()
             for child in self.children:
@@ -284,12 +280,12 @@ class Stack:
                 if code is not None:
                     self._on_exit(child, code)
             # Not Event.wait: a Ctrl-C inside its lock can break it (sluice/signals.py).
-            sleep_until(self._should_stop, poll)
+            sleep_until(lambda: self.stop_requested, poll)
 
     def _keep_redis(self) -> None:
         """Restart the embedded redis-server if it died: same socket, so everyone reconnects."""
         server = self.redis.server
-        if server is None or not self.redis.owned or server.running or self._should_stop():
+        if server is None or not self.redis.owned or server.running or self.stop_requested:
             return
         print("the embedded redis-server exited; restarting it (it keeps nothing: the "
               "database is the queue)", file=sys.stderr, flush=True)  # fmt: skip
@@ -300,7 +296,7 @@ class Stack:
 
     def _on_exit(self, child: Child, code: int) -> None:
         """A child died: say so, release a worker's leases, schedule the restart."""
-        if self._should_stop():
+        if self.stop_requested:
             return
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         ran = time.monotonic() - child.started
@@ -352,13 +348,13 @@ class Stack:
 
     def _restart(self, child: Child) -> None:
         child.restart_at = None
-        if self._should_stop():
+        if self.stop_requested:
             return
         child.proc, child.started, child.worker_id = self._popen(child.args, child.extra_env)
 
     def kill(self) -> None:
         """Stop at once (a second Ctrl-C): SIGKILL the children, release the workers' leases."""
-        self._stopping.set()
+        self.stop_requested = True
         for child in self.children:
             if child.proc.poll() is None:
                 child.proc.kill()
@@ -372,7 +368,7 @@ class Stack:
         """SIGTERM the children (warm shutdown), then stop the embedded Redis. A child still
         running after `timeout` (default: SLUICE_SHUTDOWN_GRACE + STOP_MARGIN, past what a
         worker or the API takes) is killed, and said so."""
-        self._stopping.set()
+        self.stop_requested = True
         budget = self.settings.shutdown_grace + STOP_MARGIN if timeout is None else timeout
         for child in self.children:
             if child.proc.poll() is None:

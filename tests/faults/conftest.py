@@ -103,5 +103,5 @@ def supervised(sluice: Running) -> Iterator[None]:
     try:
         yield
     finally:
-        sluice.stack._stopping.set()
+        sluice.stack.request_stop()
         thread.join(5)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast, get_args
 
 import psutil
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from vllm import EngineArgs, LLMEngine, RequestOutput, SamplingParams
 from vllm.config.cache import CacheDType
 from vllm.config.model import ModelDType
@@ -94,18 +94,12 @@ class VLLMSettings(EngineSettings):
     def _unset_if_empty(cls, value: str | None) -> str | None:
         return value or None  # SLUICE_QUANTIZATION= (empty) leaves it to the checkpoint
 
-    @field_validator("dtype")
+    @field_validator("dtype", "kv_cache_dtype")
     @classmethod
-    def _known_dtype(cls, value: str) -> str:
-        if value not in get_args(ModelDType):
-            raise ValueError(f"{value!r} is not one of {get_args(ModelDType)}")
-        return value
-
-    @field_validator("kv_cache_dtype")
-    @classmethod
-    def _known_cache_dtype(cls, value: str) -> str:
-        if value not in get_args(CacheDType):
-            raise ValueError(f"{value!r} is not one of {get_args(CacheDType)}")
+    def _known_to_vllm(cls, value: str, info: ValidationInfo) -> str:
+        known = get_args(ModelDType if info.field_name == "dtype" else CacheDType)
+        if value not in known:
+            raise ValueError(f"{value!r} is not one of {known}")
         return value
 
 
