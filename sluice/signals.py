@@ -88,7 +88,12 @@ def request_stop_on_signals(request_stop: Callable[[], None]) -> None:
 
 def die_with_supervisor() -> None:
     """In a supervised child (SUPERVISOR_PID_ENV set): get SIGTERM when the supervisor dies,
-    even by SIGKILL, so nothing it started outlives it (Linux; elsewhere a no-op)."""
+    even by SIGKILL, so nothing it started outlives it (Linux; elsewhere a no-op).
+
+    Linux sends it when the *thread* that started the child ends, not only the process: a
+    supervisor must start and restart children from a thread that lives as long as it does
+    (`sluice up` uses its main thread; a test running supervise() in a thread sees the
+    children it restarted stop when that thread returns)."""
     supervisor = os.environ.pop(SUPERVISOR_PID_ENV, None)
     if supervisor is None or not sys.platform.startswith("linux"):
         return

@@ -134,6 +134,10 @@ class FaultyEngine(Engine):
         """The inner engine's streamed text."""
         return self.inner.take_deltas()
 
+    def dead(self) -> str | None:
+        """The inner engine's answer."""
+        return self.inner.dead()
+
     def close(self) -> None:
         """Close the inner engine."""
         self.inner.close()

@@ -281,11 +281,16 @@ class Runner:
         return run
 
     def _watch(self) -> None:
-        """Fail the runner when a thread is gone or an engine step has stalled."""
+        """Fail the runner when a thread is gone, an engine step has stalled or the engine
+        died (an idle engine's death would otherwise wait for the next request's step)."""
         while not self._stop.wait(1.0):
             stalled = self._step_age()
             if stalled > self.settings.engine_stall_seconds:
                 self.fail(f"an engine step has not returned in {stalled:.0f}s", True)
+                return
+            died = self.engine.dead()
+            if died is not None:
+                self.fail(died, engine_fault=True)
                 return
             for t in self._threads:
                 # Threads end on their own only when stopping or draining.

@@ -16,6 +16,10 @@ from tests.vllm.test_stack import env
 from worker.runner import EXIT_RUNNER_FAILED
 
 N = 40
+# Long enough that most of the file is still in vLLM when its engine core is killed: the tiny
+# model decodes ~1,300 tokens/s on 2 quiet cores (40 x 48 tokens took 1.5 s and the kill found
+# the engine idle), far less on busy ones.
+TOKENS = 400
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +38,7 @@ def sluice(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 def test_engine_core_killed_mid_run(sluice: Running) -> None:
     lines = [
         {"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
-         "body": {"model": "tiny", "prompt": f"Request number {i} says", "max_tokens": 48,
+         "body": {"model": "tiny", "prompt": f"Request number {i} says", "max_tokens": TOKENS,
                   "temperature": 0, "ignore_eos": True}}
         for i in range(N)
     ]  # fmt: skip
@@ -57,10 +61,21 @@ def test_engine_core_killed_mid_run(sluice: Running) -> None:
         # The requests that were in vLLM when it died were charged one crash, no more.
         charged = [r.crashes for r in rows.all() if r.crashes]
         assert charged and max(charged) == 1, charged
+        # The restarted worker is idle now: no step() will raise, yet its watchdog notices
+        # a dead engine core and the worker exits (still supervised: PR_SET_PDEATHSIG stops
+        # the children a supervisor thread started once that thread returns).
+        idle = sluice.stack.procs[sluice.stack.names.index("worker")]
+        assert idle.pid != worker.pid and idle.poll() is None
+        idle_engine = psutil.Process(idle.pid).children(recursive=True)
+        assert idle_engine
+        for p in idle_engine:
+            p.kill()
+        sluice.wait_for(lambda: idle.poll() is not None, timeout=60)
+        assert idle.returncode == EXIT_RUNNER_FAILED
     assert done["request_counts"] == {"total": N, "completed": N, "failed": 0}
     out = sluice.lines(done["output_file_id"])
     assert sorted(x["custom_id"] for x in out) == sorted(f"c{i}" for i in range(N))
-    assert all(x["response"]["body"]["usage"]["completion_tokens"] == 48 for x in out)
+    assert all(x["response"]["body"]["usage"]["completion_tokens"] == TOKENS for x in out)
     # Nothing of the first worker's vLLM survives it.
     alive = [p for p in engine_procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, alive

@@ -149,7 +149,9 @@ def submit_long(sluice: Running, n: int, max_tokens: int) -> str:
 
 
 def test_interactive_job_jumps_the_bulk_queued_in_vllm(sluice: Running) -> None:
-    batch_id = submit_long(sluice, 20, 64)
+    # 400 tokens each: on 2 quiet cores the tiny model decodes ~1,300 tokens/s, and 20 x 64
+    # finished before the job was even submitted.
+    batch_id = submit_long(sluice, 20, 400)
     # 16 claimed (2 running, 14 waiting in vLLM's queue) before the job arrives.
     sluice.wait_for(
         lambda: sum(r.started_at is not None for r in rows(sluice, batch_id).values()) >= 16

@@ -6,7 +6,8 @@ holding a subclass of Engine. It owns its settings (an EngineSettings subclass n
 model, slots, context length, seed) and its tokenizer: the worker renders and tokenizes each
 prompt once with `engine.tokenizer`, checks the context length once (worker/prepare.py) and
 hands the token ids over in GenRequest.prompt_token_ids. The runner drives engines only through
-add, abort, step, has_unfinished, busy_slots, slots and close, from one thread, so an engine
+add, abort, step, has_unfinished, busy_slots, slots and close, from one thread (dead() from
+the watchdog), so an engine
 that talks to a remote server or wraps an asyncio engine fits the same shape: add() queues,
 step() returns what finished since the last call.
 """
@@ -221,6 +222,14 @@ class Engine(ABC):
         output text. Requests without `stream` produce none.
         """
         return []
+
+    def dead(self) -> str | None:
+        """Why the engine can no longer run (say, its engine process died), or None.
+
+        Read by the runner's watchdog thread every second, so an engine that dies while idle
+        is noticed too (step() would only raise on the next request): keep it a cheap read.
+        """
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model (GPU memory, threads, child processes); never hangs."""

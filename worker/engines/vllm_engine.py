@@ -267,6 +267,7 @@ class VLLMEngine(Engine):
         # every choice; the common request skips that work.
         self._choices: dict[str, Sampling] = {}
         self._closed = False
+        self._died: str | None = None
         self._stop_watch = threading.Event()
         threading.Thread(
             target=self._watch_engine_core, name="sluice-vllm-watch", daemon=True
@@ -440,8 +441,13 @@ class VLLMEngine(Engine):
             return
         while not self._stop_watch.wait(0.5):
             if getattr(resources, "engine_dead", False):
+                self._died = "vLLM's engine core died"
                 outputs.put_nowait(EngineDeadError())
                 return
+
+    def dead(self) -> str | None:
+        """Set once vLLM's monitor saw its engine core die (busy or idle)."""
+        return self._died
 
     def _shutdown(self, grace: float) -> None:
         try:
