@@ -145,7 +145,7 @@ class _Sink:
         self.ingest = FileIngest(
             db, filename, "batch", owner,
             settings.max_file_bytes, settings.max_line_bytes, settings.file_ttl_days,
-            settings.output_tokens_limit, settings.engine,
+            settings.output_tokens_limit, settings.engine, settings.task,
         )  # fmt: skip
         self._open = False
 

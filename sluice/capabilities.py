@@ -7,6 +7,16 @@ Engine class carries the same set (Engine.capabilities); tests keep the two equa
 
 from __future__ import annotations
 
+from enum import StrEnum
+
+
+class Task(StrEnum):
+    """What the served model does (SLUICE_TASK): generate text, or embed it (pooling)."""
+
+    GENERATE = "generate"
+    EMBED = "embed"
+
+
 # The optional fields: each one is honoured only by the engines listing it. Everything else
 # of the surface (model, prompt/messages, max_tokens, temperature, top_p, stop, user,
 # metadata) every engine honours.
@@ -61,3 +71,18 @@ DEFAULT: frozenset[str] = frozenset()
 def capabilities(engine: str) -> frozenset[str]:
     """The optional fields the named engine honours."""
     return CAPABILITIES.get(engine, DEFAULT)
+
+
+# Which tasks each engine serves: only vLLM (its pooling runner) and echo (a deterministic
+# stand-in for tests) embed; sim and hf generate only.
+TASKS: dict[str, frozenset[Task]] = {
+    "echo": frozenset(Task),
+    "sim": frozenset({Task.GENERATE}),
+    "hf": frozenset({Task.GENERATE}),
+    "vllm": frozenset(Task),
+}
+
+
+def tasks(engine: str) -> frozenset[Task]:
+    """The tasks the named engine serves (an unlisted plug-in engine: generate)."""
+    return TASKS.get(engine, frozenset({Task.GENERATE}))

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sluice.capabilities import Task, tasks
 from sluice.errors import ConfigError
 from sluice.webhooks.signing import parse_secrets
 from sluice.webhooks.ssrf import Network, parse_allowlist
@@ -56,6 +57,8 @@ class Settings(BaseSettings):
 
     # What the worker serves and what the API accepts.
     engine: EngineName = "echo"
+    # generate: chat, completions, responses; embed: /v1/embeddings only (a pooling model).
+    task: Task = Task.GENERATE
     model: str = "sluice-echo"
     model_name: str | None = None
     served_models: str = ""  # comma-separated names the API accepts; default: model_name
@@ -177,6 +180,11 @@ class Settings(BaseSettings):
             r"^(redis|rediss|redis\+socket|unix)://", self.redis_url
         ):
             raise ValueError("SLUICE_REDIS_URL must start with redis://, rediss:// or unix://")
+        if self.task not in tasks(self.engine):
+            served = ", ".join(sorted(tasks(self.engine)))
+            raise ValueError(
+                f"SLUICE_TASK={self.task}: the {self.engine} engine serves {served} only"
+            )
         self._check_aliases()
         try:
             parse_secrets(self.webhook_secret)

@@ -7,8 +7,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from sluice.db import Database
+from sluice.embeddings import embedding_body
 from sluice.models import CANCELLED, EXPIRED, FAILED, SUCCEEDED, TERMINAL_REQUEST
-from sluice.sampling import CHAT, RESPONSES
+from sluice.sampling import CHAT, EMBEDDINGS, RESPONSES
 from sluice.store.files import PAGE, input_line_pages, record_bytes, request_pages
 
 Row = Mapping[Any, Any]
@@ -138,7 +139,10 @@ def _completion_logprobs(tokens: list[Any] | None) -> dict[str, Any] | None:
 
 
 def completion_body(req: Row) -> dict[str, Any]:
-    """The chat.completion, text_completion or response object of a succeeded request."""
+    """The chat.completion, text_completion, response or embeddings list of a succeeded
+    request."""
+    if req["endpoint"] == EMBEDDINGS:
+        return embedding_body(req)
     created = int(req["finished_at"] or 0)
     choices = _stored_choices(req)
     if req["endpoint"] == RESPONSES:

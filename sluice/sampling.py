@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sluice import capabilities as caps
+from sluice.capabilities import Task
+from sluice.embeddings import FIELDS as EMBEDDING_FIELDS
+from sluice.embeddings import EmbedInput, parse_embedding_body
 from sluice.errors import InvalidInput
 
 CHAT = "/v1/chat/completions"
@@ -24,12 +27,12 @@ RESPONSES = "/v1/responses"
 # The `include` item that asks /v1/responses for output token logprobs.
 RESPONSE_LOGPROBS = "message.output_text.logprobs"
 EMBEDDINGS = "/v1/embeddings"
-ENDPOINTS = (CHAT, COMPLETIONS, RESPONSES)
-# Every engine here is generative: embeddings would need a pooling model.
-EMBEDDINGS_REFUSED = (
-    f"{EMBEDDINGS} needs an embedding (pooling) model; this service runs a generative "
-    f"model (endpoints: {', '.join(ENDPOINTS)})"
-)
+# What each task serves (SLUICE_TASK): a generative model, or an embedding (pooling) one.
+SERVED: dict[Task, tuple[str, ...]] = {
+    Task.GENERATE: (CHAT, COMPLETIONS, RESPONSES),
+    Task.EMBED: (EMBEDDINGS,),
+}
+ENDPOINTS = SERVED[Task.GENERATE]
 ROLES = ("system", "user", "assistant", "developer", "tool")
 DEFAULT_MAX_TOKENS = 256
 # What the columns hold (sluice.models): a longer model name could not be stored.
@@ -89,6 +92,10 @@ class Sampling:
     json_schema: str | None = None
 
 
+# An embeddings request generates nothing: no output tokens to budget for.
+NO_SAMPLING = Sampling(max_tokens=0)
+
+
 @dataclass(frozen=True)
 class ParsedBody:
     """A checked body: the prompt (or chat messages) and its sampling."""
@@ -97,6 +104,27 @@ class ParsedBody:
     prompt: str | None
     messages: list[dict[str, Any]] | None
     sampling: Sampling
+    embed: EmbedInput | None = None  # /v1/embeddings: the inputs (no prompt, no sampling)
+
+
+def check_endpoint(endpoint: Any, task: Task, param: str, code: str = "invalid_url") -> str:
+    """The endpoint, if the served model's task serves it; else InvalidInput saying which do."""
+    served = SERVED[task]
+    if endpoint in served:
+        return str(endpoint)
+    if endpoint == EMBEDDINGS:
+        message = (
+            f"{EMBEDDINGS} needs an embedding (pooling) model; this service runs a generative "
+            f"model (endpoints: {', '.join(served)})"
+        )
+    elif endpoint in ENDPOINTS:
+        message = (
+            f"{endpoint} needs a generative model; this service runs an embedding model "
+            f"(endpoints: {', '.join(served)})"
+        )
+    else:
+        message = f"{param} must be one of {', '.join(served)}"
+    raise InvalidInput(message, param=param, code=code)
 
 
 def _unsupported(name: str, engine: str | None) -> InvalidInput:
@@ -706,7 +734,7 @@ def parse_body(
     engine: str | None = None,
     allow_stream: bool = False,
 ) -> ParsedBody:
-    """Check a chat, completions or responses body; raises InvalidInput naming the field.
+    """Check a chat, completions, responses or embeddings body; InvalidInput names the field.
 
     At entry (the API) pass the model's max_tokens_limit, check_nul (PostgreSQL text cannot
     hold NUL, and a prompt holding one is never what a client meant) and the served engine's
@@ -760,7 +788,11 @@ def parse_body(
             raise _rename_param(exc, "response_format", "text.format") from None
         return ParsedBody(model=model, prompt=None, messages=messages, sampling=sampling)
     elif endpoint == EMBEDDINGS:
-        raise InvalidInput(EMBEDDINGS_REFUSED, param="endpoint", code="invalid_url")
+        _unknown(body, EMBEDDING_FIELDS, endpoint)
+        embed = parse_embedding_body(body)
+        return ParsedBody(
+            model=model, prompt=None, messages=None, sampling=NO_SAMPLING, embed=embed
+        )
     else:
         raise InvalidInput(
             f"endpoint must be one of {', '.join(ENDPOINTS)}", param="endpoint", code="invalid_url"

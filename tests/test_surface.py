@@ -9,7 +9,7 @@ import pytest
 
 from sluice.capabilities import CAPABILITIES, OPTIONAL
 from sluice.errors import InvalidInput
-from sluice.sampling import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, Sampling, parse_body
+from sluice.sampling import CHAT, COMPLETIONS, RESPONSES, Sampling, parse_body
 
 ENGINES = sorted(CAPABILITIES)
 MSGS = [{"role": "user", "content": "hi"}]
@@ -199,11 +199,6 @@ def test_responses_logprobs_come_through_include_or_top_logprobs() -> None:
     assert refused(RESPONSES, {**base, "include": "x"}).param == "include"
     assert refused(RESPONSES, {**base, "top_logprobs": 21}).param == "top_logprobs"
     assert refused(RESPONSES, asked, "sim").param == "include"
-
-
-def test_embeddings_are_refused_saying_why() -> None:
-    exc = refused(EMBEDDINGS, {"model": "m", "input": "x"})
-    assert exc.code == "invalid_url" and "pooling" in exc.message
 
 
 def test_stream_only_where_allowed() -> None:

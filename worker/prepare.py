@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import orjson
 
+from sluice.embeddings import EmbedInput
 from sluice.errors import InvalidInput, RequestRejected
 from sluice.ids import now
-from sluice.sampling import Sampling, message_text, parse_body
+from sluice.sampling import (
+    NO_SAMPLING,
+    ParsedBody,
+    Sampling,
+    check_endpoint,
+    message_text,
+    parse_body,
+)
 from sluice.store.work import Claimed, Result
 from worker.engines.base import Engine, GenRequest, Tokenizer
 
@@ -21,12 +29,16 @@ def prepare(claimed: list[Claimed], engine: Engine) -> tuple[list[GenRequest], l
     tokenizer = engine.tokenizer
     rendered: list[tuple[Claimed, str, Sampling]] = []
     rejected: list[Result] = []
+    ready: list[GenRequest] = []
     for c in claimed:
         try:
-            rendered.append((c, *_render(c, tokenizer, engine.name)))
+            parsed = _parse(c, engine)
+            if parsed.embed is not None:
+                ready.append(_embed_request(c, parsed.embed, engine))
+            else:
+                rendered.append((c, _render(parsed, tokenizer), parsed.sampling))
         except RequestRejected as exc:
             rejected.append(rejected_result(c.id, exc))
-    ready: list[GenRequest] = []
     if not rendered:
         return ready, rejected
     all_ids = tokenizer.encode_batch([prompt for _, prompt, _ in rendered])
@@ -40,32 +52,65 @@ def prepare(claimed: list[Claimed], engine: Engine) -> tuple[list[GenRequest], l
 
 def to_gen_request(claimed: Claimed, engine: Engine) -> GenRequest:
     """One row: render, tokenize once and check the fit; RequestRejected for this row only."""
-    prompt, sampling = _render(claimed, engine.tokenizer, engine.name)
+    parsed = _parse(claimed, engine)
+    if parsed.embed is not None:
+        return _embed_request(claimed, parsed.embed, engine)
+    prompt = _render(parsed, engine.tokenizer)
     ids = engine.tokenizer.encode(prompt)
-    return _checked(claimed, prompt, sampling, ids, engine.max_model_len)
+    return _checked(claimed, prompt, parsed.sampling, ids, engine.max_model_len)
 
 
-def _render(claimed: Claimed, tokenizer: Tokenizer, engine: str) -> tuple[str, Sampling]:
-    """The stored body checked and rendered to the prompt text the model sees."""
+def _parse(claimed: Claimed, engine: Engine) -> ParsedBody:
+    """The stored body checked again, against what this worker's engine serves."""
     try:
         body = orjson.loads(claimed.body)
         if claimed.from_file:
             body = body["body"]
+        # An API configured for another engine or task must not have a request run as
+        # something else, nor a field silently ignored: the same checks as at submit.
+        check_endpoint(claimed.endpoint, engine.task, "endpoint")
         # An online request may stream (its text goes out as produced); file lines never do.
-        # The engine's capabilities again: an API configured for another engine must not
-        # have a field silently ignored here.
-        parsed = parse_body(
-            claimed.endpoint, body, allow_stream=not claimed.from_file, engine=engine
+        return parse_body(
+            claimed.endpoint, body, allow_stream=not claimed.from_file, engine=engine.name
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise RequestRejected("invalid_body", f"the stored body cannot be read: {exc}") from None
     except InvalidInput as exc:
         raise RequestRejected(exc.code, exc.message) from None
+
+
+def _render(parsed: ParsedBody, tokenizer: Tokenizer) -> str:
+    """The prompt text the model sees (chat through the model's template)."""
     if parsed.messages is not None:  # chat, and /v1/responses (run as chat)
         messages = [{**m, "content": message_text(m.get("content"))} for m in parsed.messages]
-        return tokenizer.render_chat(messages), parsed.sampling
+        return tokenizer.render_chat(messages)
     assert parsed.prompt is not None
-    return parsed.prompt, parsed.sampling
+    return parsed.prompt
+
+
+def _embed_request(claimed: Claimed, embed: EmbedInput, engine: Engine) -> GenRequest:
+    """An embeddings row: its texts tokenized in one call, every input checked to fit."""
+    texts = [text for text in embed.inputs if isinstance(text, str)]
+    encoded = iter(engine.tokenizer.encode_batch(texts) if texts else [])
+    inputs = [next(encoded) if isinstance(x, str) else list(x) for x in embed.inputs]
+    limit = engine.max_model_len
+    for i, ids in enumerate(inputs):
+        if not ids:
+            raise RequestRejected("invalid_prompt", f"input[{i}] is empty: it has no tokens")
+        if len(ids) > limit:
+            raise RequestRejected(
+                "context_length_exceeded",
+                f"input[{i}] has {len(ids)} tokens; this model's maximum context length is "
+                f"{limit} tokens. Please shorten the input.",
+            )
+    return GenRequest(
+        id=claimed.id,
+        prompt="",
+        sampling=NO_SAMPLING,
+        priority=claimed.priority,
+        embed=inputs,
+        embed_base64=embed.base64,
+    )
 
 
 def _checked(

@@ -30,7 +30,7 @@ from sluice.aliases import aliases
 from sluice.db import Database
 from sluice.errors import InvalidInput, NotFound
 from sluice.render import batch_object, results_chunks
-from sluice.sampling import EMBEDDINGS, EMBEDDINGS_REFUSED, ENDPOINTS
+from sluice.sampling import check_endpoint
 from sluice.store.batches import (
     cancel_batch,
     create_batch,
@@ -126,13 +126,7 @@ async def create(
 ) -> dict[str, Any]:
     """Check the input file and queue its lines; a file with bad lines gives a failed batch."""
     settings = state.settings
-    if batch.endpoint == EMBEDDINGS:
-        raise InvalidInput(EMBEDDINGS_REFUSED, param="endpoint", code="invalid_value")
-    if batch.endpoint not in ENDPOINTS:
-        raise InvalidInput(
-            f"endpoint must be one of {', '.join(ENDPOINTS)}", param="endpoint",
-            code="invalid_value",
-        )  # fmt: skip
+    check_endpoint(batch.endpoint, settings.task, "endpoint", code="invalid_value")
     window_seconds(batch.completion_window, settings.max_completion_window)
     _check_metadata(batch.metadata)
     webhook_url = webhook_for(batch.webhook_url, key_webhook, settings)

@@ -32,7 +32,15 @@ from sluice.db import Database
 from sluice.errors import InvalidInput
 from sluice.models import TERMINAL_REQUEST
 from sluice.render import job_object
-from sluice.sampling import CHAT, COMPLETIONS, DEFAULT_MAX_TOKENS, MAX_MODEL_NAME, parse_body
+from sluice.sampling import (
+    CHAT,
+    COMPLETIONS,
+    DEFAULT_MAX_TOKENS,
+    EMBEDDINGS,
+    MAX_MODEL_NAME,
+    check_endpoint,
+    parse_body,
+)
 from sluice.store.batches import cancel_batch, create_job, get_batch
 from sluice.store.files import request_page
 
@@ -42,7 +50,8 @@ NO_REDIS_POLL = 1.0
 
 
 class JobIn(BaseModel):
-    """A job: `prompt` (completions) or `messages` (chat), and sampling parameters."""
+    """A job: `prompt` (completions), `messages` (chat) or `input` (embeddings), and the
+    parameters of that endpoint."""
 
     # Strict: "5" is not a number. Unknown fields are rejected by name, as OpenAI does.
     model_config = ConfigDict(strict=True, extra="forbid")
@@ -52,6 +61,8 @@ class JobIn(BaseModel):
     # for jobs and batch lines).
     prompt: Any = None
     messages: Any = None
+    input: Any = None  # /v1/embeddings (SLUICE_TASK=embed)
+    encoding_format: str | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     temperature: float | None = None
@@ -93,15 +104,17 @@ def check_body(body: dict[str, Any], settings: Settings) -> tuple[str, dict[str,
     """A job's or online request's body checked: its endpoint and the body to store (the
     model resolved to its served name), or InvalidInput/ApiError naming the field."""
     default_model = settings.served_model
-    if "prompt" in body and "messages" in body:
+    given = [name for name in ("prompt", "messages", "input") if name in body]
+    if len(given) > 1:
         raise InvalidInput(
-            "send either prompt (completions) or messages (chat), not both",
-            param="prompt",
+            f"send one of prompt (completions), messages (chat) or input (embeddings), "
+            f"not {' and '.join(given)}",
+            param=given[0],
             code="invalid_value",
         )
-    if "prompt" not in body and "messages" not in body:
+    if not given:
         raise InvalidInput(
-            "prompt or messages is required",
+            "prompt, messages or input is required",
             param="messages",
             code="missing_required_parameter",
         )
@@ -113,9 +126,10 @@ def check_body(body: dict[str, Any], settings: Settings) -> tuple[str, dict[str,
             code="invalid_value",
         )
     body["model"] = served_model(settings, model)
-    if "max_completion_tokens" not in body:
+    endpoint = {"prompt": COMPLETIONS, "messages": CHAT, "input": EMBEDDINGS}[given[0]]
+    check_endpoint(endpoint, settings.task, given[0], code="invalid_value")
+    if endpoint != EMBEDDINGS and "max_completion_tokens" not in body:
         body.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
-    endpoint = CHAT if "messages" in body else COMPLETIONS
     try:
         parse_body(
             endpoint,

@@ -1,4 +1,5 @@
-"""Online OpenAI endpoints: POST /v1/chat/completions and /v1/completions, plain or streamed.
+"""Online OpenAI endpoints: /v1/chat/completions and /v1/completions (plain or streamed), and
+/v1/embeddings (SLUICE_TASK=embed).
 
 Each request is a job row (interactive priority: admitted before bulk work, same lease and
 exactly-once rules), so an accepted request survives a worker crash; the answer waits for the
@@ -31,7 +32,14 @@ from sluice.deltas import stream_key
 from sluice.errors import Conflict, InvalidInput, NotFound
 from sluice.models import CANCELLED, EXPIRED, SUCCEEDED, TERMINAL_REQUEST
 from sluice.render import SERVER_ERROR_CODES, completion_body
-from sluice.sampling import CHAT, COMPLETIONS, DEFAULT_MAX_TOKENS, parse_body
+from sluice.sampling import (
+    CHAT,
+    COMPLETIONS,
+    DEFAULT_MAX_TOKENS,
+    EMBEDDINGS,
+    check_endpoint,
+    parse_body,
+)
 from sluice.store.batches import cancel_batch, create_job
 from sluice.store.files import request_page
 
@@ -49,11 +57,12 @@ OnlineBody = Annotated[dict[str, Any], Body(description="An OpenAI request body.
 def check_online(endpoint: str, body: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """The body to store (model resolved to its served name), or a 400/404 naming the field."""
     body = dict(body)
+    check_endpoint(endpoint, settings.task, "endpoint")
     model = body.get("model", settings.served_model)
     if not isinstance(model, str) or not model:
         raise InvalidInput("model must be a model name", param="model", code="invalid_value")
     body["model"] = served_model(settings, model)
-    if "max_completion_tokens" not in body:
+    if endpoint != EMBEDDINGS and "max_completion_tokens" not in body:
         body.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
     parse_body(
         endpoint,
@@ -337,3 +346,12 @@ async def completions(
     """OpenAI text completion: the text_completion object, or its chunks as SSE (stream)."""
     await check_queued(state, caller, 1)  # the key's max_queued (api/auth.py)
     return await _serve(COMPLETIONS, body, request, state, owner)
+
+
+@router.post("/embeddings", responses=SUBMIT_ERRORS, response_model=None)
+async def embeddings(
+    body: OnlineBody, request: Request, state: StateDep, owner: OwnerDep, caller: CallerDep
+) -> Response:
+    """OpenAI embeddings (SLUICE_TASK=embed): the list of embedding objects, in input order."""
+    await check_queued(state, caller, 1)  # the key's max_queued (api/auth.py)
+    return await _serve(EMBEDDINGS, body, request, state, owner)

@@ -10,12 +10,13 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, insert, update
 
+from sluice.capabilities import Task
 from sluice.db import Database
 from sluice.errors import InvalidInput, TooLarge
 from sluice.ids import new_file_id, unix
 from sluice.models import file_lines, files
 from sluice.prefix import prefix_key, prompt_text
-from sluice.sampling import EMBEDDINGS, EMBEDDINGS_REFUSED, ENDPOINTS, find_nul, parse_body
+from sluice.sampling import check_endpoint, find_nul, parse_body
 
 INSERT_CHUNK = 2000
 MAX_PARAM = 128
@@ -88,12 +89,14 @@ def parse_line(
     max_line_bytes: int,
     max_tokens_limit: int | None = None,
     engine: str | None = None,
+    task: Task = Task.GENERATE,
 ) -> dict[str, Any]:
     """Check one OpenAI batch line; returns its file_lines row (with an error if bad).
 
     engine: the served engine's name; a field it cannot honour is that line's error.
+    task: what the served model does; a url it does not serve is that line's error.
     """
-    row = _check_line(line_no, raw, max_line_bytes, max_tokens_limit, engine)
+    row = _check_line(line_no, raw, max_line_bytes, max_tokens_limit, engine, task)
     if row["raw"] is None and raw is not None and b"\x00" not in raw:
         # A bad line keeps its text so the file downloads as uploaded; NUL bytes cannot
         # be stored in PostgreSQL text, and undecodable bytes are not text at all.
@@ -108,6 +111,7 @@ def _check_line(
     max_line_bytes: int,
     max_tokens_limit: int | None,
     engine: str | None,
+    task: Task,
 ) -> dict[str, Any]:
     if raw is None:
         return _error(line_no, "line_too_long", f"longer than {max_line_bytes} bytes")
@@ -140,10 +144,10 @@ def _check_line(
         )
     if method != "POST":
         return _error(line_no, "invalid_method", "method must be POST", "method")
-    if url == EMBEDDINGS:
-        return _error(line_no, "invalid_url", EMBEDDINGS_REFUSED, "url")
-    if url not in ENDPOINTS:
-        return _error(line_no, "invalid_url", f"url must be one of {', '.join(ENDPOINTS)}", "url")
+    try:
+        check_endpoint(url, task, "url")
+    except InvalidInput as exc:
+        return _error(line_no, exc.code, exc.message, "url")
     try:
         parsed = parse_body(url, obj["body"], max_tokens_limit=max_tokens_limit, engine=engine)
     except InvalidInput as exc:
@@ -188,9 +192,11 @@ class FileIngest:
         ttl_days: int,
         max_tokens_limit: int | None = None,
         engine: str | None = None,
+        task: Task = Task.GENERATE,
     ) -> None:
         self.db = db
         self.engine = engine
+        self.task = task
         self.id = new_file_id()
         self.filename = filename
         self.purpose = purpose
@@ -252,7 +258,9 @@ class FileIngest:
         return StoredFile(self.id, self.bytes, lines, self.bad_lines)
 
     def _add(self, line_no: int, raw: bytes | None) -> None:
-        row = parse_line(line_no, raw, self.max_line_bytes, self.max_tokens_limit, self.engine)
+        row = parse_line(
+            line_no, raw, self.max_line_bytes, self.max_tokens_limit, self.engine, self.task
+        )
         if row["error_code"]:
             self.bad_lines += 1
         row["file_id"] = self.id

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
+from sluice.capabilities import Task
 from sluice.config import Settings, load_settings
 from sluice.errors import ConfigError, RequestRejected
-from sluice.sampling import CHAT, COMPLETIONS
+from sluice.sampling import CHAT, COMPLETIONS, EMBEDDINGS
 from sluice.store.work import Claimed
 from worker.engines import load_engine
 from worker.engines.base import Engine
@@ -27,10 +28,15 @@ class CountingTokenizer(WordTokenizer):
 
     def __init__(self) -> None:
         self.encoded: list[str] = []
+        self.batches: list[list[str]] = []
 
     def encode(self, text: str) -> list[int]:
         self.encoded.append(text)
         return super().encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        self.batches.append(list(texts))
+        return super().encode_batch(texts)
 
 
 class CountingEcho(EchoEngine):
@@ -110,7 +116,10 @@ def test_prompt_is_tokenized_once_and_the_ids_reach_the_engine() -> None:
     engine = CountingEcho()
     request = to_gen_request(claimed({"prompt": "a b c", "max_tokens": 4}), engine)
     assert engine.counting.encoded == ["a b c"]
-    assert request.prompt_token_ids == [0, 0, 0]
+    assert (
+        request.prompt_token_ids == WordTokenizer().encode("a b c")
+        and len(request.prompt_token_ids) == 3
+    )
     engine.add(request)
     (result,) = engine.step()
     # The engine used the ids it was handed, not a second encoding.
@@ -146,3 +155,48 @@ def test_a_prompt_with_no_tokens_is_rejected_before_the_engine() -> None:
         to_gen_request(claimed({"prompt": "", "max_tokens": 4}), engine)
     assert err.value.code == "invalid_prompt" and "no tokens" in err.value.message
     assert not engine.has_unfinished()
+
+
+class EmbeddingEcho(CountingEcho):
+    """CountingEcho serving the embed task."""
+
+    def __init__(self, max_model_len: int = 64) -> None:
+        super().__init__(max_model_len)
+        self.task = Task.EMBED
+
+
+def test_embedding_inputs_are_tokenized_in_one_call_and_checked_each() -> None:
+    engine = EmbeddingEcho(max_model_len=16)
+    body = {"input": ["a b", [7, 8, 9], "c"], "encoding_format": "base64"}
+    request = to_gen_request(claimed(body, EMBEDDINGS), engine)
+    assert engine.counting.batches == [["a b", "c"]]  # one encode_batch for the texts
+    tokens = WordTokenizer().encode
+    assert request.embed == [tokens("a b"), [7, 8, 9], tokens("c")]
+    assert request.embed_base64 and request.sampling.max_tokens == 0
+    with pytest.raises(RequestRejected) as err:
+        to_gen_request(claimed({"input": ["ok", " ".join("w" * 17)]}, EMBEDDINGS), engine)
+    assert err.value.code == "context_length_exceeded" and "input[1] has 17 tokens" in (
+        err.value.message
+    )
+
+
+def test_a_worker_runs_only_its_task() -> None:
+    generating, embedding = CountingEcho(), EmbeddingEcho()
+    with pytest.raises(RequestRejected) as err:
+        to_gen_request(claimed({"input": "x"}, EMBEDDINGS), generating)
+    assert "pooling" in err.value.message
+    with pytest.raises(RequestRejected) as err:
+        to_gen_request(claimed({"prompt": "x", "max_tokens": 2}), embedding)
+    assert "embedding model" in err.value.message
+
+
+def test_echo_embeds_each_input_as_its_bag_of_tokens() -> None:
+    engine = EmbeddingEcho()
+    body = {"input": ["the cat", "cat the", "a dog"]}
+    engine.add(to_gen_request(claimed(body, EMBEDDINGS), engine))
+    (result,) = engine.step()
+    vectors = json.loads(result.text)
+    assert len(vectors) == 3 and all(len(v) == 16 for v in vectors)
+    assert vectors[0] == vectors[1] != vectors[2]  # the same words, in any order
+    assert abs(sum(x * x for x in vectors[0]) - 1.0) < 1e-9
+    assert (result.prompt_tokens, result.completion_tokens, result.finish_reason) == (6, 0, "stop")

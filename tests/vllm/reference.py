@@ -1,4 +1,4 @@
-"""Raw vLLM `LLM.generate` on prompts and sampling from a JSON file: the suite's reference.
+"""Raw vLLM `LLM.generate` (or `LLM.embed`) on items from a JSON file: the suite's reference.
 
 Run as `python -m tests.vllm.reference IN OUT` in its own process (vLLM spawns its engine core,
 hence the __main__ guard) with the same SLUICE_ settings the worker gets.
@@ -31,16 +31,29 @@ KNOBS = (
     "load_format",
     "scheduling_policy",
     "disable_log_stats",
+    "runner",
 )
 
 
 def main(src: Path, dst: Path) -> None:
-    """Generate for every {prompt, sampling} in src; write text and token counts to dst."""
+    """Generate for every {prompt, sampling} in src (or embed every {input}); write the
+    outputs and token counts to dst."""
     from vllm import LLM, SamplingParams
 
     args = engine_args(load_settings())
     llm = LLM(**{k: getattr(args, k) for k in KNOBS})
     items = json.loads(src.read_text())
+    if items and "input" in items[0]:
+        pooled = llm.embed([item["input"] for item in items], use_tqdm=False)
+        dst.write_text(
+            json.dumps(
+                [
+                    {"embedding": o.outputs.embedding, "prompt_tokens": len(o.prompt_token_ids)}
+                    for o in pooled
+                ]
+            )
+        )
+        return
     params = [SamplingParams(**item["sampling"]) for item in items]
     outputs = llm.generate([item["prompt"] for item in items], params, use_tqdm=False)
     dst.write_text(

@@ -55,16 +55,19 @@ def vllm_sampling(case: dict[str, Any]) -> dict[str, Any]:
     return {k: case[k] for k in keys if k in case}
 
 
-def reference(model: Path, cases: list[dict[str, Any]], workdir: Path) -> list[dict[str, Any]]:
-    """Raw LLM.generate on the cases, in its own process with the worker's settings."""
+def reference(
+    model: Path, cases: list[dict[str, Any]], workdir: Path, **extra_env: str
+) -> list[dict[str, Any]]:
+    """Raw LLM.generate on the cases (LLM.embed on {input} items), in its own process with the
+    worker's settings."""
     src, dst = workdir / "cases.json", workdir / "out.json"
-    src.write_text(
-        json.dumps([{"prompt": c["prompt"], "sampling": vllm_sampling(c)} for c in cases])
-    )
+    items = [c if "input" in c else {"prompt": c["prompt"], "sampling": vllm_sampling(c)}
+             for c in cases]  # fmt: skip
+    src.write_text(json.dumps(items))
     subprocess.run(
         [sys.executable, "-m", "tests.vllm.reference", str(src), str(dst)],
         cwd=ROOT,
-        env={**psutil.Process().environ(), **env(model)},
+        env={**psutil.Process().environ(), **env(model), **extra_env},
         check=True,
         timeout=600,
     )

@@ -15,14 +15,16 @@ step() returns what finished since the last call.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, Self
 
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sluice.capabilities import capabilities
+from sluice.capabilities import Task, capabilities
 from sluice.config import Settings, invalid_settings
+from sluice.embeddings import stored_vectors
 from sluice.errors import ConfigError
 from sluice.sampling import Sampling
 
@@ -36,6 +38,7 @@ __all__ = [
     "Sampling",
     "TokenLogprob",
     "Tokenizer",
+    "embedding_result",
 ]
 
 
@@ -53,6 +56,11 @@ class GenRequest:
     # Streaming (online stream=true): the engine reports text as it is produced, through
     # take_deltas(); every other request is returned only when it finishes.
     stream: bool = False
+    # An embeddings request (/v1/embeddings, on an engine whose task is embed): each input's
+    # token ids, pooled into one vector each (prompt and sampling unused); embedding_result()
+    # stores the vectors as the response carries them (base64 when the client asked).
+    embed: list[list[int]] | None = None
+    embed_base64: bool = False
 
 
 @dataclass
@@ -116,6 +124,19 @@ def with_choices(result: GenResult, choices: list[Choice]) -> GenResult:
     return result
 
 
+def embedding_result(
+    request: GenRequest, vectors: Sequence[Sequence[float]], cached_tokens: int = 0
+) -> GenResult:
+    """A finished embeddings request: one vector per input, in input order."""
+    inputs = request.embed or []
+    return GenResult(
+        request.id,
+        stored_vectors(vectors, request.embed_base64),
+        prompt_tokens=sum(len(ids) for ids in inputs),
+        cached_tokens=cached_tokens,
+    )
+
+
 class Tokenizer(Protocol):
     """The engine's view of its model's tokenizer: what the validator needs, nothing more."""
 
@@ -158,6 +179,8 @@ class Engine(ABC):
     name: str = "engine"
     # The engine's own settings (load_engine reads them and hands them to __init__).
     settings_class: ClassVar[type[EngineSettings]] = EngineSettings
+    # What it serves: engines that can embed (sluice.capabilities.TASKS) take settings.task.
+    task: Task = Task.GENERATE
 
     # Set by each engine's __init__: slots from settings.max_num_seqs, the context length
     # from settings.max_model_len as the model permits.

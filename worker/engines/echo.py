@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from sluice.config import Settings
 from worker.engines.base import (
     Choice,
@@ -10,6 +12,7 @@ from worker.engines.base import (
     GenRequest,
     GenResult,
     TokenLogprob,
+    embedding_result,
     needs_choices,
     with_choices,
 )
@@ -20,6 +23,19 @@ from worker.engines.text import (
     sim_output,
     stream_pieces,
 )
+
+# Echo's embedding width: small, so stored vectors stay short in tests.
+ECHO_DIMENSIONS = 16
+
+
+def bag_of_tokens(ids: list[int]) -> list[float]:
+    """Echo's embedding: token counts folded into 16 dimensions, unit length (so equal inputs
+    get equal vectors and cosine similarity means shared tokens)."""
+    vector = [0.0] * ECHO_DIMENSIONS
+    for token in ids:
+        vector[token % ECHO_DIMENSIONS] += 1.0
+    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+    return [x / norm for x in vector]
 
 
 def point_mass_logprobs(text: str, top: int) -> list[TokenLogprob]:
@@ -37,11 +53,14 @@ class EchoEngine(PlainTextEngine):
     def __init__(self, settings: Settings, options: EngineSettings | None = None) -> None:
         self._slots = settings.max_num_seqs
         self._max_model_len = settings.max_model_len
+        self.task = settings.task
         self._waiting: WaitQueue[GenRequest] = WaitQueue()
         self._done: list[GenResult] = []  # aborted or rejected, returned by the next step
         self._deltas: list[Delta] = []
 
     def _prompt_tokens(self, request: GenRequest) -> int:
+        if request.embed is not None:
+            return sum(len(ids) for ids in request.embed)
         return len(self.prompt_ids(request))
 
     def add(self, request: GenRequest) -> None:
@@ -70,6 +89,8 @@ class EchoEngine(PlainTextEngine):
         return results
 
     def _result(self, request: GenRequest) -> GenResult:
+        if request.embed is not None:
+            return embedding_result(request, [bag_of_tokens(ids) for ids in request.embed])
         s = request.sampling
         # ignore_eos: echo's "model" never ends, it keeps repeating the prompt (as sim does).
         make = sim_output if s.ignore_eos else echo_output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import zlib
 from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
@@ -11,6 +12,8 @@ from worker.engines.base import Engine
 
 T = TypeVar("T")
 
+# The cheap engines' vocabulary size: word ids are a CRC of the word modulo this.
+VOCAB = 32_000
 # Used when a prompt has no words, so sim still has something to "generate".
 FILLER_WORD = "lorem"
 
@@ -134,8 +137,9 @@ class WordTokenizer:
         return render_chat(messages)
 
     def encode(self, text: str) -> list[int]:
-        """One placeholder id per whitespace-separated word (only the count means anything)."""
-        return [0] * count_words(text)
+        """One id per whitespace-separated word, the same for the same word (a CRC of it)."""
+        words = text.split() or ([text] if text else [])
+        return [zlib.crc32(word.encode("utf-8", "surrogatepass")) % VOCAB for word in words]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """encode() of each text."""

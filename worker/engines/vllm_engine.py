@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any, cast, get_args
 
 import psutil
 from pydantic import Field, ValidationInfo, field_validator
-from vllm import EngineArgs, LLMEngine, RequestOutput, SamplingParams
+from vllm import (
+    EngineArgs,
+    LLMEngine,
+    PoolingParams,
+    PoolingRequestOutput,
+    RequestOutput,
+    SamplingParams,
+)
 from vllm.config.cache import CacheDType
 from vllm.config.model import ModelDType
 from vllm.exceptions import VLLMClientError
@@ -26,6 +33,7 @@ from vllm.tokenizers import TokenizerLike, get_tokenizer
 from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.exceptions import EngineDeadError
 
+from sluice.capabilities import Task
 from sluice.config import Settings
 from sluice.errors import ConfigError
 from worker.engines.base import (
@@ -37,6 +45,7 @@ from worker.engines.base import (
     GenResult,
     Sampling,
     TokenLogprob,
+    embedding_result,
     needs_choices,
     with_choices,
 )
@@ -124,6 +133,10 @@ def engine_args(settings: Settings, own: VLLMSettings | None = None) -> EngineAr
         tensor_parallel_size=own.tensor_parallel_size,
         enforce_eager=own.enforce_eager,
         load_format=own.load_format,
+        # embed: vLLM's pooling runner (a causal LM is converted to last-token pooling, as
+        # vLLM's own `--runner pooling` does); generate is explicit, so an embedding
+        # checkpoint served for generation fails at load, not on its first request.
+        runner="pooling" if settings.task == Task.EMBED else "generate",
         # Lower priority values are scheduled first: interactive (0) before bulk (1).
         scheduling_policy="priority",
         disable_log_stats=True,
@@ -162,6 +175,11 @@ def sampling_params(s: Sampling) -> SamplingParams:
         # deep copy per request was 5% of the worker's CPU in the plumbing benchmark.
         skip_clone=True,
     )
+
+
+def refused(our_id: int, message: str, prompt_tokens: int = 0) -> GenResult:
+    """A request vLLM refused: that request's error (vLLM's own server answers these 400)."""
+    return GenResult(our_id, "", "error", prompt_tokens, 0, message, error_code="invalid_request")
 
 
 def token_logprobs(
@@ -227,6 +245,26 @@ class VLLMTokenizer:
         return out
 
 
+class _Pooled:
+    """An embeddings request in flight: one vLLM request per input, vectors as they come."""
+
+    def __init__(self, request: GenRequest) -> None:
+        self.request = request
+        count = len(request.embed or [])
+        self.request_ids = [f"{request.id}/{i}" for i in range(count)]
+        self.vectors: list[list[float] | None] = [None] * count
+        self.cached_tokens = 0
+
+    def take(self, index: int, output: PoolingRequestOutput[Any]) -> GenResult | None:
+        """One input's vector; the request's result once every input has one."""
+        self.vectors[index] = output.outputs.data.tolist()
+        self.cached_tokens += output.num_cached_tokens or 0
+        if any(v is None for v in self.vectors):
+            return None
+        return embedding_result(self.request, cast("list[list[float]]", self.vectors),
+                                self.cached_tokens)  # fmt: skip
+
+
 class VLLMEngine(Engine):
     """vLLM's LLMEngine fed request by request; step() is one scheduler iteration."""
 
@@ -257,7 +295,10 @@ class VLLMEngine(Engine):
         )
         self._max_model_len = int(config.max_model_len)
         self._slots = settings.max_num_seqs
+        self.task = settings.task
         self._live: dict[str, tuple[int, int]] = {}  # vLLM request id -> (our id, prompt tokens)
+        # Embeddings requests (our id -> state): vLLM ids "<id>/<input index>", one per input.
+        self._pooled: dict[int, _Pooled] = {}
         self._done: list[GenResult] = []  # aborted or rejected, returned by the next step
         # Streaming requests (vLLM id -> text pieces so far, tokens so far): they run with
         # DELTA outputs, so their final output holds only its last piece.
@@ -295,6 +336,9 @@ class VLLMEngine(Engine):
 
     def add(self, request: GenRequest) -> None:
         """Hand the request's token ids to vLLM's scheduler; a refused request fails alone."""
+        if request.embed is not None:
+            self._add_pooled(request)
+            return
         ids = self.prompt_ids(request)
         request_id = str(request.id)
         try:
@@ -309,9 +353,7 @@ class VLLMEngine(Engine):
                 priority=request.priority,
             )
         except REQUEST_ERRORS as exc:  # vLLM's verdict on this request alone
-            refused = GenResult(request.id, "", "error", len(ids), 0, str(exc))
-            refused.error_code = "invalid_request"  # vLLM's own server answers these 400
-            self._done.append(refused)
+            self._done.append(refused(request.id, str(exc), len(ids)))
             return
         self._live[request_id] = (request.id, len(ids))
         if needs_choices(request.sampling):
@@ -319,8 +361,38 @@ class VLLMEngine(Engine):
         if request.stream:
             self._streams[request_id] = ([], [0])
 
+    def _add_pooled(self, request: GenRequest) -> None:
+        """An embeddings request: each input is a vLLM pooling request of its own."""
+        pooled = _Pooled(request)
+        added: list[str] = []
+        try:
+            for request_id, ids in zip(pooled.request_ids, request.embed or [], strict=True):
+                self._engine.add_request(
+                    request_id,
+                    tokens_input(ids),
+                    PoolingParams(task="embed"),
+                    priority=request.priority,
+                )
+                added.append(request_id)
+                self._live[request_id] = (request.id, len(ids))
+        except REQUEST_ERRORS as exc:  # one input refused: the request fails as a whole
+            if added:
+                self._engine.abort_request(added)
+            for request_id in added:
+                del self._live[request_id]
+            self._done.append(refused(request.id, str(exc)))
+            return
+        self._pooled[request.id] = pooled
+
     def abort(self, ids: list[int]) -> None:
         """Abort in vLLM; each comes back from the next step with finish_reason 'abort'."""
+        for our_id in ids:
+            pooled = self._pooled.pop(our_id, None)
+            if pooled is None:
+                continue
+            live = [r for r in pooled.request_ids if self._live.pop(r, None) is not None]
+            self._engine.abort_request(live)
+            self._done.append(GenResult(our_id, "", "abort"))
         found = [str(i) for i in ids if str(i) in self._live]
         if not found:
             return
@@ -343,6 +415,10 @@ class VLLMEngine(Engine):
         if not self._live:
             return results
         for output in self._engine.step():
+            if isinstance(output, PoolingRequestOutput):
+                if output.finished:
+                    self._pooled_output(output, results)
+                continue
             if not isinstance(output, RequestOutput):
                 continue
             stream = self._streams.get(output.request_id)
@@ -362,6 +438,26 @@ class VLLMEngine(Engine):
                 result.text, result.completion_tokens = "".join(stream[0]), stream[1][0]
             results.append(result)
         return results
+
+    def _pooled_output(self, output: PoolingRequestOutput[Any], results: list[GenResult]) -> None:
+        """One input's vector; its request joins `results` once all its inputs are in."""
+        found = self._live.pop(output.request_id, None)
+        if found is None:  # aborted after vLLM produced it
+            return
+        our_id = found[0]
+        pooled = self._pooled[our_id]
+        if output.error is not None:  # vLLM's verdict on this input: the request fails
+            del self._pooled[our_id]
+            live = [r for r in pooled.request_ids if self._live.pop(r, None) is not None]
+            if live:
+                self._engine.abort_request(live)
+            results.append(refused(our_id, output.error.message))
+            return
+        index = int(output.request_id.rpartition("/")[2])
+        result = pooled.take(index, output)
+        if result is not None:
+            del self._pooled[our_id]
+            results.append(result)
 
     def _stream_piece(self, output: RequestOutput, pieces: list[str], tokens: list[int]) -> None:
         """A DELTA output: its new text becomes a Delta and joins the request's text."""
