@@ -18,7 +18,7 @@ import orjson
 import redis
 
 from sluice.deltas import STREAM_MAXLEN, STREAM_TTL_SECONDS, stream_key
-from sluice.store.work import Claimed
+from sluice.store.work import Claimed, storable_text
 from worker.engines.base import Delta, GenRequest
 
 log = logging.getLogger("sluice.worker")
@@ -74,8 +74,9 @@ class DeltaPublisher:
                 live = self._live.get(d.id)
                 if live is None:
                     continue
-                items.append((live.key, live.attempt, live.sent, d.text))
-                live.sent += len(d.text)
+                text = storable_text(d.text)  # exactly what the stored answer will hold
+                items.append((live.key, live.attempt, live.sent, text))
+                live.sent += len(text)
         self._offer(items)
 
     def finished(self, ids: Iterable[int]) -> None:

@@ -722,8 +722,7 @@ class Runner:
 
 def to_result(out: GenResult, finished_at: float) -> Result:
     """The stored form of an engine result."""
-    # PostgreSQL text cannot hold NUL; a model that emits one must not fail its whole write.
-    text = out.text.replace("\x00", "") if "\x00" in out.text else out.text
+    text = work.storable_text(out.text)
     if out.finish_reason == "abort":
         return Result(out.id, "cancelled", text, "abort", "batch_cancelled",
                       "the batch was cancelled while this request ran", out.prompt_tokens,
@@ -748,7 +747,7 @@ def choices_json(out: GenResult) -> str | None:
     return orjson.dumps(
         [
             {
-                "text": c.text,
+                "text": work.storable_text(c.text),
                 "finish_reason": c.finish_reason,
                 "completion_tokens": c.completion_tokens,
                 "logprobs": None

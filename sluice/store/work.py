@@ -56,6 +56,13 @@ class Claimed:
     queued_at: float = 0.0  # when it was queued (the worker's time-in-queue metric)
 
 
+def storable_text(text: str) -> str:
+    """Output text as it is stored and streamed: without NUL, which PostgreSQL text cannot hold
+    (a model may emit one; stored and streamed text must stay equal, or a stream ends in a
+    stream_mismatch error)."""
+    return text.replace("\x00", "") if "\x00" in text else text
+
+
 @dataclass
 class Result:
     """A finished request as the writer stores it."""
