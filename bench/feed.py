@@ -38,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,11 +117,13 @@ def prompts(n: int, seed: int = 11) -> list[str]:
     return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(8, 64))) for _ in range(n)]
 
 
-def bulk_file(lengths: Sequence[int], texts: Sequence[str]) -> bytes:
-    """A completions batch file, one line per (max_tokens, prompt)."""
+def bulk_file(
+    lengths: Sequence[int], texts: Sequence[str], extra: Mapping[str, object] | None = None
+) -> bytes:
+    """A completions batch file, one line per (max_tokens, prompt), with `extra` body fields."""
     lines = []
     for i, (n, text) in enumerate(zip(lengths, texts, strict=True)):
-        body = {"model": MODEL, "prompt": text, "max_tokens": n}
+        body = {"model": MODEL, "prompt": text, "max_tokens": n, **(extra or {})}
         lines.append(
             json.dumps({"custom_id": f"r{i}", "method": "POST", "url": COMPLETIONS, "body": body})
         )

@@ -15,7 +15,12 @@ at least 90% of bulk alone.
 
     python bench/online.py [--requests 20000] [--seconds 5] [--quick]
 
-Prints a table and writes it to bench/out/online.txt.
+With --engine vllm (run it with .venv-vllm's Python: `make bench-online-vllm`) the worker runs
+real vLLM on the tiny model (`sluice model tiny`, or --model), 16 slots, every request with
+ignore_eos so lengths hold on random weights; the default file is 6,000 requests and the
+client levels 1, 4 and 16 (on 2 CPU cores the engine, not the plumbing, is the bottleneck).
+
+Prints a table and writes it to bench/out/online.txt (online-vllm.txt with --engine vllm).
 """
 
 from __future__ import annotations
@@ -25,15 +30,20 @@ import asyncio
 import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
 # The shared helpers: `python bench/online.py` puts bench/ first on sys.path.
 from feed import MODEL, OUT, SLOTS, bulk_file, prompts, sim_stack
 
-LEVELS = (1, 16, 64)
+# Client levels (main() sets vLLM's).
+LEVELS = [1, 16, 64]
+VLLM_LEVELS = (1, 4, 16)
+VLLM_SLOTS = 16
 ONLINE_TOKENS = 32
 # Bulk output lengths 8..48 tokens (uniform, seeded; mean 28): mixed lengths end at different
 # steps, so slots free every step. (With one fixed length the file runs in waves: all 64 slots
@@ -68,9 +78,14 @@ class Level:
         return 1000 * values[min(len(values) - 1, int(q * len(values)))]
 
 
+# Extra fields of every online request (vLLM: ignore_eos, so answers have their full length).
+ONLINE_EXTRA: dict[str, object] = {}
+
+
 async def one(http: httpx.AsyncClient) -> Sample | None:
     """One streamed chat request; None if it failed."""
-    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": ONLINE_TOKENS, "stream": True}
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": ONLINE_TOKENS, "stream": True,
+            **ONLINE_EXTRA}  # fmt: skip
     t0 = time.perf_counter()
     ttft: float | None = None
     async with http.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -178,10 +193,14 @@ def report(
 ) -> str:
     """The table."""
     n = args.requests
+    engine = (
+        f"vLLM ({args.model}, CPU build), {VLLM_SLOTS} slots"
+        if args.engine == "vllm"
+        else f"sim engine, {SLOTS} slots, 5 ms decode step"
+    )
     lines = [
         f"Online streaming chat ({ONLINE_TOKENS} tokens) beside a {n:,}-request bulk file "
-        f"({BULK_TOKENS[0]}-{BULK_TOKENS[1]} tokens each); sim engine, {SLOTS} slots, 5 ms "
-        "decode step, SQLite.",
+        f"({BULK_TOKENS[0]}-{BULK_TOKENS[1]} tokens each); {engine}, SQLite.",
         "",
         "clients | TTFT p50 idle | TTFT p50 bulk | ratio | TTFT p99 idle | TTFT p99 bulk "
         "| e2e p50 idle | e2e p50 bulk | ratio | n idle/bulk | errors",
@@ -212,23 +231,57 @@ def report(
     return "\n".join(lines)
 
 
+def vllm_env(args: argparse.Namespace) -> dict[str, str]:
+    """The worker's settings for real vLLM on the tiny model (built here unless --model)."""
+    if args.model is None:
+        from sluice.tiny_model import build_tiny_model
+
+        args.model = str(build_tiny_model(Path(tempfile.mkdtemp(prefix="sluice-tiny-"))))
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    return {
+        "SLUICE_ENGINE": "vllm",
+        "SLUICE_MODEL": args.model,
+        "SLUICE_MODEL_NAME": MODEL,
+        "SLUICE_MAX_NUM_SEQS": str(VLLM_SLOTS),
+        "SLUICE_MAX_MODEL_LEN": "512",
+        "SLUICE_DTYPE": "float32",
+        "SLUICE_QUANTIZATION": "",
+        "SLUICE_GPU_MEMORY_UTILIZATION": "0.3",
+        "VLLM_CPU_KVCACHE_SPACE": os.environ["VLLM_CPU_KVCACHE_SPACE"],
+    }
+
+
 def main() -> None:
     """Run the three phases on one stack and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=20_000, help="bulk file size")
     parser.add_argument("--seconds", type=float, default=5.0, help="per client level")
     parser.add_argument("--quick", action="store_true", help="2,000 requests, 2 s levels")
+    parser.add_argument("--engine", choices=("sim", "vllm"), default="sim")
+    parser.add_argument("--model", help="vllm: a model directory (default: sluice model tiny)")
     args = parser.parse_args()
+    env: dict[str, str] = {}
+    bulk_extra: dict[str, object] = {}
+    if args.engine == "vllm":
+        env = vllm_env(args)
+        LEVELS[:] = VLLM_LEVELS
+        ONLINE_EXTRA["ignore_eos"] = bulk_extra["ignore_eos"] = True
+        if args.requests == parser.get_default("requests"):
+            args.requests = 6_000  # ~40 s alone: every client level runs twice beside it
     if args.quick:
-        args.requests, args.seconds = 2_000, 2.0
+        args.requests, args.seconds = min(args.requests, 2_000), 2.0
     rng = random.Random(5)
     lengths = [rng.randint(*BULK_TOKENS) for _ in range(args.requests)]
-    data = bulk_file(lengths, prompts(args.requests))
-    with sim_stack({}) as sim:
+    data = bulk_file(lengths, prompts(args.requests), bulk_extra)
+    with sim_stack(env) as sim:
         url = sim.stack.url
         # The stack's local admin key (every client here sends it).
         HEADERS.update(getattr(sim.stack, "auth_headers", {}))
         sim.http.headers.update(HEADERS)
+        # Warm-up: the engine's first batches (vLLM's kernels for new batch shapes) and the
+        # file path's first claims would otherwise be charged to "bulk alone".
+        print("warm-up ...", file=sys.stderr)
+        sim.wait_batch(sim.submit_file(bulk_file(lengths[:300], prompts(300), bulk_extra)))
         print("idle levels ...", file=sys.stderr)
         idle_levels = asyncio.run(idle(url, args.seconds))
         print("bulk alone ...", file=sys.stderr)
@@ -242,7 +295,8 @@ def main() -> None:
     table = report(args, idle_levels, busy_levels, alone_s, with_s)
     print(table)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "online.txt").write_text(table + "\n")
+    name = "online-vllm.txt" if args.engine == "vllm" else "online.txt"
+    (OUT / name).write_text(table + "\n")
 
 
 if __name__ == "__main__":
