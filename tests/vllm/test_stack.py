@@ -152,9 +152,10 @@ def submit_long(sluice: Running, n: int, max_tokens: int) -> str:
 
 
 def test_interactive_job_jumps_the_bulk_queued_in_vllm(sluice: Running) -> None:
-    # 400 tokens each: on 2 quiet cores the tiny model decodes ~1,300 tokens/s, and 20 x 64
-    # finished before the job was even submitted.
-    batch_id = submit_long(sluice, 20, 400)
+    # 60 x 400 tokens: on 2 quiet cores the tiny model decodes ~1,300 tokens/s (20 x 64 ended
+    # before the job was submitted), and with vLLM's CPU threads busy the job's POST has taken
+    # up to 7 s in CI (20 x 400 then left only 2 to overtake); 60 leave the 14 in vLLM's queue.
+    batch_id = submit_long(sluice, 60, 400)
     # 16 claimed (2 running, 14 waiting in vLLM's queue) before the job arrives.
     sluice.wait_for(
         lambda: sum(r.started_at is not None for r in rows(sluice, batch_id).values()) >= 16
@@ -181,7 +182,9 @@ def test_interactive_job_jumps_the_bulk_queued_in_vllm(sluice: Running) -> None:
 
 
 def test_cancel_aborts_requests_in_the_engine(sluice: Running) -> None:
-    batch_id = submit_long(sluice, 20, 480)
+    # 60 x 480 tokens (~20 s on 2 quiet cores): 20 ended before a cancel POST delayed by busy
+    # CPUs arrived ("completed and cannot be cancelled").
+    batch_id = submit_long(sluice, 60, 480)
     start = time.monotonic()
     sluice.wait_for(
         lambda: any(r.finished_at is not None for r in rows(sluice, batch_id).values()),
