@@ -40,12 +40,12 @@ def env(model: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def sluice(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    """SQLite + embedded Redis; the worker runs vLLM; 2 slots and 16 requests in flight."""
+    """SQLite + embedded Redis; the worker runs vLLM; 2 slots and 32 requests in flight."""
     yield from start_stack(
         "sqlite",
         tmp_path_factory.mktemp("vllm") / "data",
         SLUICE_ENGINE="vllm",
-        SLUICE_INFLIGHT_FACTOR="8",
+        SLUICE_INFLIGHT_FACTOR="16",
         **env(tiny_model),
     )
 
@@ -152,13 +152,14 @@ def submit_long(sluice: Running, n: int, max_tokens: int) -> str:
 
 
 def test_interactive_job_jumps_the_bulk_queued_in_vllm(sluice: Running) -> None:
-    # 60 x 400 tokens: on 2 quiet cores the tiny model decodes ~1,300 tokens/s (20 x 64 ended
-    # before the job was submitted), and with vLLM's CPU threads busy the job's POST has taken
-    # up to 7 s in CI (20 x 400 then left only 2 to overtake); 60 leave the 14 in vLLM's queue.
-    batch_id = submit_long(sluice, 60, 400)
-    # 16 claimed (2 running, 14 waiting in vLLM's queue) before the job arrives.
+    # 80 x 400 tokens, 32 in flight: on 2 quiet cores the tiny model decodes ~1,300 tokens/s
+    # (a wave of 2 takes ~0.6 s), and with vLLM's CPU threads busy the job's POST took 7 s and
+    # its hand-over to vLLM seconds more in CI; with 14 waiting in vLLM's queue only 2-4 were
+    # then left to overtake. 30 waiting leave a margin of many waves.
+    batch_id = submit_long(sluice, 80, 400)
+    # 32 claimed (2 running, 30 waiting in vLLM's queue) before the job arrives.
     sluice.wait_for(
-        lambda: sum(r.started_at is not None for r in rows(sluice, batch_id).values()) >= 16
+        lambda: sum(r.started_at is not None for r in rows(sluice, batch_id).values()) >= 32
     )
     r = sluice.http.post(
         "/v1/jobs", json={"model": MODEL, "prompt": "Hi", "max_tokens": 4, "temperature": 0}
@@ -177,7 +178,7 @@ def test_interactive_job_jumps_the_bulk_queued_in_vllm(sluice: Running) -> None:
     overtaken = [b for b in ahead if b.finished_at > job_row.finished_at]
     # vLLM's priority scheduler runs the job at the next free slot; first-come-first-served
     # would make it wait behind every bulk request queued in vLLM before it (then <= 2).
-    assert len(ahead) >= 16
+    assert len(ahead) >= 32
     assert len(overtaken) >= 8, (len(ahead), len(overtaken))
 
 
@@ -197,7 +198,7 @@ def test_cancel_aborts_requests_in_the_engine(sluice: Running) -> None:
     done = sluice.wait_batch(batch_id, timeout=300)
     took = time.monotonic() - cancelled_at
     assert done["status"] == "cancelled"
-    # Left to finish, the ~14 requests in vLLM would take ~7 more waves.
+    # Left to finish, the ~30 requests in vLLM would take ~15 more waves.
     assert took < 2 * one_wave + 5, (took, one_wave)
     errors = sluice.lines(done["error_file_id"])
     assert {x["error"]["code"] for x in errors} == {"batch_cancelled"}
