@@ -69,7 +69,8 @@ def _inputs(raw: Any) -> tuple[str | tuple[int, ...], ...]:
 
 
 def parse_embedding_body(body: dict[str, Any]) -> EmbedInput:
-    """Check an embeddings body (unknown fields already refused); InvalidInput names the field."""
+    """Check an embeddings body (unknown fields and `user` already checked by sluice.sampling);
+    InvalidInput names the field."""
     encoding = body.get("encoding_format")
     if encoding is not None and encoding not in ENCODINGS:
         raise InvalidInput(
@@ -84,11 +85,6 @@ def parse_embedding_body(body: dict[str, Any]) -> EmbedInput:
             "dimensions is not supported by this service; leave it out",
             param="dimensions",
             code="unsupported_parameter",
-        )
-    user = body.get("user")
-    if user is not None and (not isinstance(user, str) or len(user) > 512):
-        raise InvalidInput(
-            "user must be a string of up to 512 characters", param="user", code="invalid_value"
         )
     return EmbedInput(_inputs(body.get("input")), base64=encoding == "base64")
 

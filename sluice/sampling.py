@@ -789,6 +789,7 @@ def parse_body(
         return ParsedBody(model=model, prompt=None, messages=messages, sampling=sampling)
     elif endpoint == EMBEDDINGS:
         _unknown(body, EMBEDDING_FIELDS, endpoint)
+        _identity(body)  # user, checked as on every endpoint
         embed = parse_embedding_body(body)
         return ParsedBody(
             model=model, prompt=None, messages=None, sampling=NO_SAMPLING, embed=embed
